@@ -1,0 +1,1 @@
+"""dydit-jax: DiT, DyDiT and U-DiT in JAX/Flax NNX."""

@@ -1,0 +1,99 @@
+"""The one place that talks to Orbax.
+
+A checkpoint is a step directory under `WORKDIR/checkpoints/` with separate items, so that a
+sampler can read the EMA weights without the optimizer state:
+
+  params      trainable parameters (pure nested dict)
+  ema_params  EMA of the parameters
+  opt_state   optimizer state
+  meta        JSON: step, model name and config, dataset shape, the full run config
+
+Saves are asynchronous; Orbax writes into a temporary directory and renames it on commit, so
+an interrupted save never leaves a step that restore would accept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+ARRAY_ITEMS = ("params", "ema_params", "opt_state")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    pass
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    """Keep-N, asynchronous checkpoints of the train state in `WORKDIR/checkpoints`."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, create: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=create, enable_async_checkpointing=True
+        )
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(*ARRAY_ITEMS, "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, items: dict[str, Any], meta: dict, *, force: bool = False) -> bool:
+        args = {name: ocp.args.StandardSave(items[name]) for name in items}
+        args["meta"] = ocp.args.JsonSave(meta)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(
+        self, targets: dict[str, Any], step: int | None = None
+    ) -> tuple[int, dict[str, Any], dict]:
+        """Restore the items named in `targets` (abstract pytrees carrying shardings)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
+        args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+        args["meta"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return step, {name: restored[name] for name in targets}, restored["meta"]
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed; errors from them surface here."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of the latest (or given) checkpoint, with a clear error when absent."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(
+            f"no checkpoint found: {directory} does not exist; train first with "
+            f"`python train.py --config=... --workdir={workdir}`"
+        )
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointNotFoundError(
+                f"no finished checkpoint in {directory}; train first (or wait for the "
+                "first save)"
+            )
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return step, restored["meta"]
+    finally:
+        ckpt.close()
+
+
+def abstract_like(tree: Any, sharding) -> Any:
+    """ShapeDtypeStructs with an explicit target sharding (needed to restore on any mesh)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

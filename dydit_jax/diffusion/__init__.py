@@ -1,0 +1,17 @@
+"""Gaussian diffusion as DiT uses it: schedule, respacing, losses, samplers, guidance."""
+
+from .gaussian import GaussianDiffusion, create_diffusion
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .respace import space_timesteps
+from .samplers import classifier_free_guidance, sample_loop
+
+__all__ = [
+    "GaussianDiffusion",
+    "classifier_free_guidance",
+    "create_diffusion",
+    "discretized_gaussian_log_likelihood",
+    "mean_flat",
+    "normal_kl",
+    "sample_loop",
+    "space_timesteps",
+]

@@ -1,0 +1,68 @@
+"""Model registry: build any model by name, e.g. `create_model("DiT-XL/2", ...)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from flax import nnx
+
+from dydit_jax.models.dit import DIT_SIZES, DiT, DiTConfig
+
+_NAME = re.compile(r"^(?P<family>DiT)-(?P<size>[A-Z]+)/(?P<patch>\d+)$")
+
+
+def model_names() -> list[str]:
+    """All registered names, e.g. DiT-S/2 ... DiT-XL/8."""
+    return [f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8)]
+
+
+def model_config(
+    name: str, *, input_size: int, in_channels: int, num_classes: int, **overrides: Any
+) -> DiTConfig:
+    """The config of a named model; `overrides` replace any field (hidden_size, depth, ...)."""
+    match = _NAME.match(name)
+    if not match or match["size"] not in DIT_SIZES or int(match["patch"]) not in (2, 4, 8):
+        raise ValueError(
+            f"unknown model name {name!r}; choose one of: {', '.join(model_names())}"
+        )
+    depth, hidden, heads = DIT_SIZES[match["size"]]
+    fields = dict(
+        input_size=input_size,
+        patch_size=int(match["patch"]),
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        num_classes=num_classes,
+    )
+    known = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown model option(s) {unknown} for {name}; known options: {sorted(known)}"
+        )
+    fields.update(overrides)
+    config = DiTConfig(**fields)
+    config.validate()
+    return config
+
+
+def create_model(
+    name: str,
+    *,
+    input_size: int,
+    in_channels: int,
+    num_classes: int,
+    rngs: nnx.Rngs,
+    **overrides: Any,
+) -> DiT:
+    """Build a model by name. Returns an NNX module called as `model(x, t, y)`."""
+    config = model_config(
+        name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides
+    )
+    return DiT(config, rngs=rngs)
+
+
+__all__ = ["DiT", "DiTConfig", "create_model", "model_config", "model_names"]

@@ -1,0 +1,129 @@
+"""DiT (Peebles & Xie, ICCV 2023): an isotropic adaLN-Zero transformer over latent patches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dydit_jax.models import layers
+
+# depth, hidden size, heads of the paper's four sizes (specs/DIT.md).
+DIT_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    input_size: int = 32  # latent height = width
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True  # output 2C channels: eps and the variance interpolation value
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def validate(self) -> None:
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input size {self.input_size} is not divisible by the patch size "
+                f"{self.patch_size}; resize the input or pick a patch size that divides it"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden size {self.hidden_size} is not divisible by num_heads "
+                f"{self.num_heads}; choose a head count that divides the hidden size"
+            )
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden size {self.hidden_size} must be divisible by 4")
+        for name in ("input_size", "patch_size", "in_channels", "depth", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block: x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, rngs, dtype=None):
+        self.attn = layers.Attention(hidden, num_heads, rngs=rngs, dtype=dtype)
+        self.mlp = layers.Mlp(hidden, mlp_hidden, rngs=rngs, dtype=dtype)
+        self.adaLN = layers.AdaLNModulation(hidden, 6, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN(c)
+        h = self.attn(layers.modulate(layers.layer_norm(x), shift_msa, scale_msa))
+        x = x + gate_msa[:, None, :] * h
+        h = self.mlp(layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None, :] * h
+
+
+class DiT(nnx.Module):
+    """model(x, t, y): NHWC x, int32 t in 0..999, int32 y -> NHWC with out_channels."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        dtype = jnp.dtype(config.dtype)
+        d = config.hidden_size
+        self.x_embedder = layers.PatchEmbed(
+            config.patch_size, config.in_channels, d, rngs=rngs, dtype=dtype
+        )
+        self.t_embedder = layers.TimestepEmbedder(d, rngs=rngs, dtype=dtype)
+        self.y_embedder = layers.LabelEmbedder(config.num_classes, d, rngs=rngs, dtype=dtype)
+        # Fixed (not trained) sin-cos table, stored so that converted checkpoints can be checked.
+        self.pos_embed = layers.Buffer(
+            jnp.asarray(layers.sincos_2d(d, config.grid), jnp.float32)[None]
+        )
+        self.blocks = nnx.List(
+            [
+                DiTBlock(d, config.num_heads, config.mlp_hidden, rngs=rngs, dtype=dtype)
+                for _ in range(config.depth)
+            ]
+        )
+        self.final_layer = layers.FinalLayer(
+            d, config.patch_size**2 * config.out_channels, rngs=rngs, dtype=dtype
+        )
+
+    def embed(self, x: jax.Array, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Tokens (B, N, D) with positions added, and the conditioning c = t_emb + y_emb."""
+        dtype = jnp.dtype(self.config.dtype)
+        tokens = self.x_embedder(x.astype(dtype)) + self.pos_embed.value.astype(dtype)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        return tokens, c
+
+    def head(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
+        cfg = self.config
+        out = self.final_layer(tokens, c)
+        out = layers.unpatchify(out, cfg.patch_size, cfg.out_channels, cfg.grid, cfg.grid)
+        return out.astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        tokens, c = self.embed(x, t, y)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return self.head(tokens, c)

@@ -1,0 +1,244 @@
+"""Layers shared by DiT, DyDiT and U-DiT.
+
+Numerics follow the reference releases (specs/DIT.md): cos-first timestep features, a null
+label row, adaLN-Zero modulation, LayerNorm without affine at eps 1e-6, tanh GELU, and the
+reference initialisation (xavier-uniform linears, normal(0.02) embeddings, zero adaLN and
+output layers). Tensors are NHWC / (batch, tokens, channels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = jnp.dtype
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+normal_002 = nnx.initializers.normal(stddev=0.02)
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trainable array stored with the model (e.g. the sin-cos position table)."""
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Dtype | None = None,
+    kernel_init=xavier_uniform,
+    bias_init=zeros,
+) -> nnx.Linear:
+    """A Linear layer with the reference initialisation (xavier-uniform kernel, zero bias)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        rngs=rngs,
+    )
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, computed in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation; shift/scale are per sample (B, D) and broadcast over tokens."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """[sin(pos * omega), cos(pos * omega)] with omega_k = 1 / 10000^(k / (embed_dim / 2))."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int | None = None) -> np.ndarray:
+    """Fixed 2-D position table (grid_h * grid_w, embed_dim) in float64, tokens row-major.
+
+    The column (w) coordinate fills the first half of the channels, the row (h) coordinate
+    the second half, as in the reference release (its meshgrid puts w first).
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
+    hh, ww = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb_w = sincos_1d(embed_dim // 2, ww)
+    emb_h = sincos_1d(embed_dim // 2, hh)
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep features, cos first (reference order), float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nnx.Module):
+    """t -> 256 sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden: int, *, freq_dim: int = 256, rngs: nnx.Rngs, dtype=None):
+        self.freq_dim = freq_dim
+        self.fc1 = dense(freq_dim, hidden, rngs=rngs, dtype=dtype, kernel_init=normal_002)
+        self.fc2 = dense(hidden, hidden, rngs=rngs, dtype=dtype, kernel_init=normal_002)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.fc2(nnx.silu(self.fc1(timestep_features(t, self.freq_dim))))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class table with one extra row (index num_classes) for the null label of guidance."""
+
+    def __init__(self, num_classes: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+        self.num_classes = num_classes
+        self.table = nnx.Embed(
+            num_classes + 1,
+            hidden,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=normal_002,
+            rngs=rngs,
+        )
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        return self.table(y)
+
+
+def drop_labels(key: jax.Array, y: jax.Array, prob: float, null_label: int) -> jax.Array:
+    """Replace each label by the null label with probability `prob` (classifier-free training)."""
+    if prob <= 0:
+        return y
+    drop = jax.random.uniform(key, y.shape) < prob
+    return jnp.where(drop, null_label, y)
+
+
+class PatchEmbed(nnx.Module):
+    """Conv with kernel = stride = patch (VALID): NHWC image -> (B, N, D) row-major tokens."""
+
+    def __init__(self, patch: int, in_ch: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+        # xavier-uniform on the (out, in * p * p) view, as the reference does; jax's own
+        # conv fans would also count the receptive field in fan_out.
+        bound = math.sqrt(6.0 / (in_ch * patch * patch + hidden))
+        init = nnx.initializers.uniform(scale=2 * bound)
+        self.patch = patch
+        self.proj = nnx.Conv(
+            in_ch,
+            hidden,
+            kernel_size=(patch, patch),
+            strides=(patch, patch),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=lambda k, s, d: init(k, s, d) - bound,
+            bias_init=zeros,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.proj(x)
+        b, h, w, d = x.shape
+        return x.reshape(b, h * w, d)
+
+
+def unpatchify(x: jax.Array, patch: int, channels: int, grid_h: int, grid_w: int) -> jax.Array:
+    """(B, h*w, p*p*C) -> (B, h*p, w*p, C); each token holds a (p, p, C) patch, channel-last."""
+    b = x.shape[0]
+    x = x.reshape(b, grid_h, grid_w, patch, patch, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid_h * patch, grid_w * patch, channels)
+
+
+# ------------------------------------------------------------------------------- blocks
+
+
+class AdaLNModulation(nnx.Module):
+    """SiLU -> Linear(D -> n*D), zero-initialised (adaLN-Zero); returns n chunks of (B, D)."""
+
+    def __init__(self, hidden: int, n: int, *, rngs: nnx.Rngs, dtype=None):
+        self.n = n
+        self.linear = dense(hidden, n * hidden, rngs=rngs, dtype=dtype, kernel_init=zeros)
+
+    def __call__(self, c: jax.Array) -> list[jax.Array]:
+        return jnp.split(self.linear(nnx.silu(c)), self.n, axis=-1)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with one fused qkv projection ([q | k | v], head-major)."""
+
+    def __init__(self, hidden: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+        if hidden % num_heads:
+            raise ValueError(
+                f"hidden size {hidden} is not divisible by num_heads {num_heads}; "
+                "choose a head count that divides the hidden size"
+            )
+        self.num_heads = num_heads
+        self.head_dim = hidden // num_heads
+        self.qkv = dense(hidden, 3 * hidden, rngs=rngs, dtype=dtype)
+        self.proj = dense(hidden, hidden, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = dot_product_attention(q, k, v)
+        return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over (B, N, H, Dh) with scale Dh^-0.5; softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Mlp(nnx.Module):
+    """Linear -> tanh-GELU -> Linear."""
+
+    def __init__(self, hidden: int, mlp_hidden: int, *, rngs: nnx.Rngs, dtype=None):
+        self.fc1 = dense(hidden, mlp_hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = dense(mlp_hidden, hidden, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class FinalLayer(nnx.Module):
+    """adaLN (shift first) -> zero-initialised Linear(D -> p*p*out_channels)."""
+
+    def __init__(self, hidden: int, out_features: int, *, rngs: nnx.Rngs, dtype=None):
+        self.adaLN = AdaLNModulation(hidden, 2, rngs=rngs, dtype=dtype)
+        self.linear = dense(hidden, out_features, rngs=rngs, dtype=dtype, kernel_init=zeros)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = self.adaLN(c)
+        return self.linear(modulate(layer_norm(x), shift, scale))

@@ -1,0 +1,308 @@
+"""Generic trainer: config -> mesh -> model -> jitted step -> loop with EMA, logs, checkpoints.
+
+The train state is a pytree of pure dicts (params, EMA, optimizer state) plus the step; the
+model structure (graphdef) and fixed buffers live outside it, so the jitted step is a pure
+function: nnx.merge inside, no module mutation. Per-step randomness is fold_in(seed, step),
+and the batch of a step is `batches[step]`: resuming at step s replays exactly what an
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx, struct
+
+from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import data as data_lib
+from dydit_jax import diffusion as diffusion_lib
+from dydit_jax import models, parallel, sample_lib
+from dydit_jax.models import layers
+
+# ----------------------------------------------------------------------------- config
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> models.DiTConfig:
+    """The model config a run config names; raises a clear ValueError on bad fields."""
+    overrides = dict(config.get("model_overrides") or {})
+    return models.model_config(
+        config.model,
+        input_size=config.image_size,
+        in_channels=config.in_channels,
+        num_classes=config.num_classes,
+        **overrides,
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
+    """Check every field the trainer reads before anything is written; returns the model config."""
+    model_config = model_config_from(config)
+    positive = (
+        "num_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps",
+        "sample_every_steps", "keep_checkpoints",
+    )
+    for name in positive:
+        if int(config[name]) < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    if not config.learning_rate > 0:
+        raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+    if not 0.0 <= config.label_dropout < 1.0:
+        raise ValueError(f"config.label_dropout must be in [0, 1), got {config.label_dropout}")
+    if config.sample.sampler not in sample_lib.SAMPLERS:
+        raise ValueError(
+            f"config.sample.sampler {config.sample.sampler!r} is not one of {sample_lib.SAMPLERS}"
+        )
+    diffusion_lib.space_timesteps(config.diffusion_steps, config.sample.steps)
+    return model_config
+
+
+def guided_channels(value: int) -> int | None:
+    """Config convention: -1 guides every eps channel, 3 is the reference ImageNet quirk."""
+    return None if value is None or int(value) < 0 else int(value)
+
+
+# ------------------------------------------------------------------------------ state
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """A model split for pure functions: structure, trainable params, fixed buffers."""
+
+    graphdef: Any
+    params: Any  # pure dict of float32 arrays
+    buffers: Any  # pure dict (e.g. the position table)
+    config: models.DiTConfig
+
+
+def build_model(model_config: models.DiTConfig, seed: int) -> ModelParts:
+    model = models.DiT(model_config, rngs=nnx.Rngs(seed))
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    return ModelParts(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers), model_config)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (torch defaults: betas 0.9/0.999, eps 1e-8), optional clipping and warm-up."""
+    lr = config.learning_rate
+    if config.get("warmup_steps", 0) > 0:
+        lr = optax.linear_schedule(0.0, lr, config.warmup_steps)
+    adamw = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+    if config.get("grad_clip_norm", 0) > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return adamw
+
+
+def init_state(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:
+    rep = parallel.replicated(mesh)
+    params = jax.device_put(parts.params, rep)
+    # The EMA starts as a copy of the initial weights (reference recipe).
+    ema = jax.tree.map(jnp.copy, params)
+    opt_state = jax.jit(tx.init, out_shardings=rep)(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, ema, opt_state)
+
+
+# ------------------------------------------------------------------------ update step
+
+
+def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, mesh):
+    """jit(fn(state, batch) -> (state, metrics)) with explicit shardings and donated state."""
+    diffusion = diffusion_lib.create_diffusion(None, config.diffusion_steps)
+    num_classes = parts.config.num_classes
+    base_key = jax.random.key(config.seed)
+    ema_decay = config.ema_decay
+    buffers = parts.buffers
+
+    def loss_fn(params, x0, y, key):
+        model = nnx.merge(parts.graphdef, params, buffers)
+        k_t, k_noise, k_drop = jax.random.split(key, 3)
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        y = layers.drop_labels(k_drop, y, config.label_dropout, num_classes)
+        terms = diffusion.training_losses(lambda x, tt: model(x, tt, y), x0, t, noise)
+        loss = terms["loss"].mean()
+        return loss, {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+
+    def step_fn(state: TrainState, batch: dict):
+        key = jax.random.fold_in(base_key, state.step)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(
+            state.params, batch["image"], batch["label"], key
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params
+        )
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+    rep = parallel.replicated(mesh)
+    rows = parallel.batch_sharding(mesh)
+    return jax.jit(
+        step_fn, in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=(0,)
+    )
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def run_meta(config: ml_collections.ConfigDict, model_config: models.DiTConfig, step: int) -> dict:
+    return {
+        "step": int(step),
+        "model": config.model,
+        "model_config": dataclasses.asdict(model_config),
+        "config": config.to_dict(),
+    }
+
+
+def check_resume_compatible(meta: dict, model_config: models.DiTConfig, workdir: str) -> None:
+    saved = meta.get("model_config")
+    if saved != dataclasses.asdict(model_config):
+        raise ValueError(
+            f"{workdir} holds checkpoints of another model ({meta.get('model')}: {saved}); "
+            f"this config builds {dataclasses.asdict(model_config)}. Use a new --workdir or "
+            "the config the checkpoints were trained with."
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (resuming from the latest checkpoint in `workdir`), logging and sampling as set."""
+    # --- validate everything before writing anything
+    model_config = validate_config(config)
+    source = data_lib.load_source(config)
+    if int(source.labels.max()) >= model_config.num_classes:
+        raise ValueError(
+            f"the data has labels up to {int(source.labels.max())} but num_classes is "
+            f"{model_config.num_classes}; set --config.num_classes={int(source.labels.max()) + 1}"
+        )
+    data_shape = tuple(source.images.shape[1:])
+    expected = (model_config.input_size, model_config.input_size, model_config.in_channels)
+    if data_shape != expected:
+        raise ValueError(f"the data is {data_shape} per example but the model expects {expected}")
+    mesh = parallel.make_mesh(config.mesh_shape)
+    ways = parallel.batch_size_per_step(mesh)
+    if config.global_batch_size % ways:
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not divisible by the {ways} "
+            "data-parallel devices; change global_batch_size or mesh_shape"
+        )
+    batches = data_lib.make_batches(
+        source, global_batch_size=config.global_batch_size, seed=config.seed
+    )
+
+    # --- mesh, init, restore
+    with jax.set_mesh(mesh):
+        return _train_loop(config, workdir, model_config, mesh, batches)
+
+
+def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
+    from clu import metric_writers  # imports TensorFlow: only when training really starts
+
+    parts = build_model(model_config, config.seed)
+    tx = make_optimizer(config)
+    state = init_state(parts, tx, mesh)
+    logging.info(
+        "model %s: %s trainable parameters", config.model,
+        f"{sum(x.size for x in jax.tree.leaves(parts.params)):,}",
+    )
+
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        _, meta = ckpt_lib.read_meta(workdir, ckpt.latest_step())
+        check_resume_compatible(meta, model_config, workdir)
+        rep = parallel.replicated(mesh)
+        targets = {
+            name: ckpt_lib.abstract_like(getattr(state, name), rep)
+            for name in ckpt_lib.ARRAY_ITEMS
+        }
+        step, items, _ = ckpt.restore(targets)
+        state = TrainState(jnp.asarray(step, jnp.int32), **items)
+        logging.info("resumed from step %d in %s", step, ckpt.directory)
+    start = int(state.step)
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    train_step = make_train_step(parts, tx, config, mesh)
+    grid_sampler = _make_grid_sampler(parts, config, mesh)
+
+    pending: list[dict] = []
+    t_last, step_last = time.perf_counter(), start
+    for step in range(start, config.num_steps):
+        batch = parallel.global_batch(batches[step], mesh)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == config.num_steps:
+            fetched = jax.device_get(pending)  # the only host sync: once per log interval
+            summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            elapsed = time.perf_counter() - t_last
+            summary["steps_per_sec"] = (done - step_last) / elapsed
+            summary["images_per_sec"] = summary["steps_per_sec"] * config.global_batch_size
+            writer.write_scalars(done, summary)
+            pending, t_last, step_last = [], time.perf_counter(), done
+        if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
+            ckpt.save(done, _items(state), run_meta(config, model_config, done))
+        if done % config.sample_every_steps == 0 or done == config.num_steps:
+            _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
+            t_last = time.perf_counter()  # do not count sampling in steps/s
+    ckpt.close()
+    writer.flush()
+    writer.close()
+    return state
+
+
+def _items(state: TrainState) -> dict:
+    return {name: getattr(state, name) for name in ckpt_lib.ARRAY_ITEMS}
+
+
+def _make_grid_sampler(parts: ModelParts, config, mesh):
+    mc = parts.config
+    return sample_lib.make_batch_sampler(
+        parts.graphdef,
+        parts.buffers,
+        (mc.input_size, mc.input_size, mc.in_channels),
+        num_classes=mc.num_classes,
+        mesh=mesh,
+        sampling_steps=config.sample.steps,
+        sampler=config.sample.sampler,
+        cfg_scale=config.sample.cfg_scale,
+        guided_channels=guided_channels(config.sample.guided_channels),
+    )
+
+
+def _write_grid(sampler, ema_params, config, mesh, writer, workdir, step) -> None:
+    n = config.sample.num_images
+    labels = sample_lib.make_labels("balanced", n, config.num_classes)
+    images = sample_lib.to_uint8(
+        sample_lib.generate(
+            sampler, ema_params, labels, batch_size=config.sample.batch_size,
+            seed=config.seed, mesh=mesh, progress=False,
+        )
+    )
+    grid = sample_lib.make_grid(images, ncol=min(n, config.num_classes))
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "samples", f"grid_{step:07d}.png")
+        upscale = sample_lib.grid_upscale(config.image_size)
+        sample_lib.save_png(grid, path, upscale=upscale)
+        sample_lib.save_png(grid, os.path.join(workdir, "grid.png"), upscale=upscale)
+        logging.info("step %d: wrote %s", step, path)
+    writer.write_images(step, {"ema_samples": grid[None]})
