@@ -63,6 +63,11 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return step, {name: restored[name] for name in targets}, restored["meta"]
 
+    def meta(self, step: int) -> dict:
+        """The JSON meta item of a step, without touching its arrays."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
     def wait(self) -> None:
         """Block until pending async saves are committed; errors from them surface here."""
         self.manager.wait_until_finished()
@@ -88,8 +93,7 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
                 f"no finished checkpoint in {directory}; train first (or wait for the "
                 "first save)"
             )
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return step, restored["meta"]
+        return step, ckpt.meta(step)
     finally:
         ckpt.close()
 

@@ -1,8 +1,8 @@
 """Batched, sharded sampling and export (.npz in the evaluation-suite format, PNG grids).
 
 One batch is one compiled call: noise, the whole sampler loop (guidance included) and the
-final [-1, 1] output. Batch b of a run uses the key fold_in(seed, b), so the same seed, labels
-and batch size give the same images on any mesh.
+final [-1, 1] output. Image i of a run draws all its noise from fold_in(seed, i), so an image
+depends on (seed, i, label) only: not on the batch size, the device count or the mesh.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def make_batch_sampler(
     cfg_scale: float = 1.0,
     guided_channels: int | None = None,
     eta: float = 0.0,
-) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """A jitted fn(params, key, labels) -> float32 samples (B, H, W, C) in model space.
+) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """A jitted fn(params, key, indices, labels) -> float32 samples (B, H, W, C), model space.
+
+    Row r is image number indices[r] of the run: its noise comes from fold_in(key, indices[r]).
 
     `cfg_scale` 1.0 samples without guidance; otherwise the batch is doubled as [z; z] with
     labels [y; null] and the first half is returned (reference behaviour). `guided_channels`
@@ -51,24 +53,29 @@ def make_batch_sampler(
     diffusion = diffusion_lib.create_diffusion(sampling_steps)
     guided = cfg_scale != 1.0
 
-    def sample(params, key, labels):
+    def sample(params, key, indices, labels):
         model = nnx.merge(graphdef, params, buffers)
-        noise_key, loop_key = jax.random.split(key)
+        row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+        noise_keys, loop_keys = jax.vmap(jax.random.split, out_axes=1)(row_keys)
         b = labels.shape[0]
-        z = jax.random.normal(noise_key, (b, *image_shape), jnp.float32)
+        z = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
         if guided:
             model_fn = diffusion_lib.classifier_free_guidance(
                 model, labels, num_classes, cfg_scale, guided_channels
             )
             z = jnp.concatenate([z, z], axis=0)
+            uncond_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(loop_keys)
+            loop_keys = jnp.concatenate([loop_keys, uncond_keys], axis=0)
         else:
             model_fn = lambda x, t: model(x, t, labels)
-        out = diffusion_lib.sample_loop(diffusion, model_fn, z, loop_key, sampler=sampler, eta=eta)
+        out = diffusion_lib.sample_loop(
+            diffusion, model_fn, z, loop_keys, sampler=sampler, eta=eta
+        )
         return out[:b]
 
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    return jax.jit(sample, in_shardings=(rep, rep, rows), out_shardings=rows)
+    return jax.jit(sample, in_shardings=(rep, rep, rows, rows), out_shardings=rows)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -110,11 +117,12 @@ def generate(
     outputs = []
     starts = range(0, len(labels), batch_size)
     bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress)
-    for b, start in enumerate(bar):
+    for start in bar:
         chunk = labels[start : start + batch_size]
         padded = np.resize(chunk, batch_size).astype(np.int32)  # last batch: pad, then trim
-        y = parallel.global_batch({"y": padded}, mesh)["y"]
-        x = batch_sampler(params, jax.random.fold_in(base, b), y)
+        rows = {"y": padded, "i": np.arange(start, start + batch_size, dtype=np.int32)}
+        rows = parallel.global_batch(rows, mesh)
+        x = batch_sampler(params, base, rows["i"], rows["y"])
         if jax.process_count() > 1:
             x = multihost_utils.process_allgather(x, tiled=True)
         outputs.append(np.asarray(jax.device_get(x))[: len(chunk)])

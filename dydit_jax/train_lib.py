@@ -150,7 +150,7 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
         ema = jax.tree.map(
             lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params
         )
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
     rep = parallel.replicated(mesh)
@@ -161,6 +161,8 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
 
 
 # ------------------------------------------------------------------------------- loop
+
+MAX_STEPS_IN_FLIGHT = 2
 
 
 def run_meta(config: ml_collections.ConfigDict, model_config: models.DiTConfig, step: int) -> dict:
@@ -226,8 +228,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     os.makedirs(workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
-        _, meta = ckpt_lib.read_meta(workdir, ckpt.latest_step())
-        check_resume_compatible(meta, model_config, workdir)
+        check_resume_compatible(ckpt.meta(ckpt.latest_step()), model_config, workdir)
         rep = parallel.replicated(mesh)
         targets = {
             name: ckpt_lib.abstract_like(getattr(state, name), rep)
@@ -250,6 +251,9 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         batch = parallel.global_batch(batches[step], mesh)
         state, metrics = train_step(state, batch)
         pending.append(metrics)
+        if len(pending) > MAX_STEPS_IN_FLIGHT:
+            # Bound dispatch-ahead: the host may run at most a few steps ahead of the devices.
+            jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
         done = step + 1
         if done % config.log_every_steps == 0 or done == config.num_steps:
             fetched = jax.device_get(pending)  # the only host sync: once per log interval

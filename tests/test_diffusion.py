@@ -421,7 +421,12 @@ def test_classifier_free_guidance(g):
     np.testing.assert_array_equal(np.asarray(seen["labels"]), [3, 7, 1000, 1000])
     np.testing.assert_array_equal(np.asarray(seen["t"]), np.asarray(t))
 
-    raw = _np_apply(np.asarray(x, np.float64), np.array([3, 7, 1000, 1000], np.float64))
+    # The reference evaluates both halves at the first half's x; the second half's x is ignored.
+    x_first = np.asarray(x, np.float64)[:2]
+    raw = _np_apply(np.concatenate([x_first, x_first]), np.array([3, 7, 1000, 1000], np.float64))
+    other = x.at[2:].set(123.0)
+    same = classifier_free_guidance(apply_fn, y, 1000, scale, guided_channels=g)(other, t)
+    np.testing.assert_array_equal(np.asarray(same), out)
     gg = 4 if g is None else g
     cond, uncond = raw[:2, ..., :gg], raw[2:, ..., :gg]
     half = uncond + scale * (cond - uncond)
@@ -432,3 +437,18 @@ def test_classifier_free_guidance(g):
     np.testing.assert_allclose(out[..., gg:], raw[..., gg:], rtol=1e-6, atol=1e-6)
     if g == 3:
         assert not np.allclose(out[:2, ..., 3], out[2:, ..., 3])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_per_row_keys_make_rows_independent_of_the_batch(sampler):
+    """With one key per row, a row's sample depends on its own key only."""
+    diffusion = create_diffusion("5")
+    model_fn = lambda x, t: jnp.concatenate([0.3 * x, jnp.tanh(x)], -1)
+    keys = jax.random.split(jax.random.key(7), 4)
+    x_T = jax.random.normal(jax.random.key(1), (4, 2, 2, 1))
+    run = jax.jit(lambda x, k: sample_loop(diffusion, model_fn, x, k, sampler=sampler, eta=0.5))
+    whole = np.asarray(run(x_T, keys))
+    for r in range(4):
+        alone = np.asarray(run(x_T[r : r + 1], keys[r : r + 1]))
+        np.testing.assert_allclose(whole[r : r + 1], alone, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(whole[0], whole[1])

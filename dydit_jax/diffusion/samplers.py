@@ -16,8 +16,17 @@ ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def _step_noise(key: jax.Array, step: jax.Array, x: jax.Array) -> jax.Array:
-    """Fresh per-step noise, tied to the step index rather than to loop order."""
-    return jax.random.normal(jax.random.fold_in(key, step), x.shape, x.dtype)
+    """Fresh per-step noise, tied to the step index rather than to loop order.
+
+    `key` is one key for the whole batch, or a batch of keys (one per row of x): then each
+    row's noise depends on its own key only, not on the batch size or the device layout.
+    """
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (0 if typed else 1):  # one key (typed, or legacy uint32 key data)
+        return jax.random.normal(jax.random.fold_in(key, step), x.shape, x.dtype)
+    return jax.vmap(
+        lambda k: jax.random.normal(jax.random.fold_in(k, step), x.shape[1:], x.dtype)
+    )(key)
 
 
 def ddpm_step(
@@ -59,7 +68,7 @@ def sample_loop(
     """Run the full reverse process from x_T to x_0 in one fori_loop (jittable).
 
     `model_fn(x, t)` receives the ORIGINAL timesteps (diffusion.timestep_map), never the
-    respaced index.
+    respaced index. `key` is a single key or one key per row of x_T.
     """
     if sampler == "ddpm":
         def step_fn(step, x):
@@ -84,7 +93,8 @@ def classifier_free_guidance(
 ) -> ModelFn:
     """Wrap a label-conditioned network into a model_fn for a doubled batch [z; z'].
 
-    Labels are [y; null]; the guided eps `uncond + scale * (cond - uncond)` replaces the first
+    The network sees [x_1; x_1] (x_1 = the first half) with labels [y; null]; the guided eps
+    `uncond + scale * (cond - uncond)` replaces the first
     `guided_channels` eps channels of both halves. The reference DiT guides only 3 of the 4
     eps channels (guided_channels=3, kept for reproducing published FIDs); None guides all eps
     channels. Remaining channels stay each half's own output; the caller keeps the first half.
@@ -93,9 +103,11 @@ def classifier_free_guidance(
     labels = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        out = apply_fn(x, t, labels)
+        # As the reference: both halves are evaluated at the FIRST half's x (the second
+        # half's own state is ignored; it would drift away under independent noise).
+        b = x.shape[0] // 2
+        out = apply_fn(jnp.concatenate([x[:b], x[:b]], axis=0), t, labels)
         g = out.shape[-1] // 2 if guided_channels is None else guided_channels
-        b = out.shape[0] // 2
         eps, rest = out[..., :g], out[..., g:]
         cond, uncond = eps[:b], eps[b:]
         half = uncond + scale * (cond - uncond)

@@ -112,7 +112,7 @@ class DiT(nnx.Module):
     def embed(self, x: jax.Array, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Tokens (B, N, D) with positions added, and the conditioning c = t_emb + y_emb."""
         dtype = jnp.dtype(self.config.dtype)
-        tokens = self.x_embedder(x.astype(dtype)) + self.pos_embed.value.astype(dtype)
+        tokens = self.x_embedder(x.astype(dtype)) + self.pos_embed[...].astype(dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c
 
