@@ -31,6 +31,49 @@ from dydit_jax.models import layers
 # ----------------------------------------------------------------------------- config
 
 
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, at the DiT paper's recipe; config files override."""
+    c = ml_collections.ConfigDict()
+    # --- model
+    c.model = "DiT-XL/2"  # registry name: DiT-{S,B,L,XL}/{2,4,8}
+    c.model_overrides = ml_collections.ConfigDict()  # replace model fields (depth, dtype, ...)
+    # --- data
+    c.dataset = "digits"
+    c.image_size = 8
+    c.in_channels = 1
+    c.num_classes = 10
+    c.label_dropout = 0.1  # null label with this probability: classifier-free guidance
+    # --- optimisation (AdamW, constant lr 1e-4, no weight decay, warm-up or clipping)
+    c.num_steps = 400_000
+    c.global_batch_size = 256
+    c.learning_rate = 1e-4
+    c.warmup_steps = 0  # linear lr warm-up steps (0 = constant lr)
+    c.weight_decay = 0.0
+    c.grad_clip_norm = 0.0  # global-norm clipping (0 = none)
+    c.ema_decay = 0.9999  # EMA of the weights, updated every step; used for sampling
+    c.seed = 0
+    # --- parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = the remaining devices
+    c.mesh_shape = (-1, 1, 1)
+    # --- diffusion and sampling
+    c.diffusion_steps = 1000
+    c.sample = ml_collections.ConfigDict(
+        dict(
+            sampler="ddpm",  # ddpm | ddim
+            steps="250",  # respacing: "250", "ddim50", ...
+            cfg_scale=1.5,  # classifier-free guidance scale (1.0 = none)
+            guided_channels=3,  # eps channels guided: 3 = reference quirk, -1 = all
+            num_images=64,  # images in each periodic grid
+            batch_size=64,
+        )
+    )
+    # --- bookkeeping
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 10_000
+    c.keep_checkpoints = 3
+    c.sample_every_steps = 50_000
+    return c
+
+
 def model_config_from(config: ml_collections.ConfigDict) -> models.DiTConfig:
     """The model config a run config names; raises a clear ValueError on bad fields."""
     overrides = dict(config.get("model_overrides") or {})

@@ -115,3 +115,15 @@ def test_train_cli_reports_bad_input_without_traceback(tmp_path):
     assert "unknown model name 'DiT-Q/2'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not workdir.exists()
+
+
+def test_base_config_is_the_dit_recipe():
+    c = train_lib.base_config()
+    recipe = (c.learning_rate, c.weight_decay, c.ema_decay, c.label_dropout)
+    assert recipe == (1e-4, 0.0, 0.9999, 0.1)
+    assert (c.warmup_steps, c.grad_clip_norm, c.global_batch_size) == (0, 0.0, 256)
+    assert (c.sample.steps, c.sample.guided_channels) == ("250", 3)
+    tx = train_lib.make_optimizer(c)
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -1e-4, rtol=1e-4)  # Adam's first step is -lr*sign
