@@ -98,6 +98,14 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
         ckpt.close()
 
 
-def abstract_like(tree: Any, sharding) -> Any:
-    """ShapeDtypeStructs with an explicit target sharding (needed to restore on any mesh)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs with explicit target shardings (needed to restore onto any mesh).
+
+    `shardings`: a pytree of shardings matching `tree`, or None to take each leaf's own
+    `.sharding`.
+    """
+    if shardings is None:
+        shardings = jax.tree.map(lambda x: x.sharding, tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

@@ -1,13 +1,17 @@
 """Device mesh and sharding helpers: one code path from one CPU to a pod.
 
 The mesh has axes ('data', 'fsdp', 'tensor'); the batch is sharded over ('data', 'fsdp').
-Parameters are replicated for now; logical-axis rules for FSDP and tensor parallelism plug
-in here (see issue "Scale-out training").
+Every parameter carries logical axis names (set in the model's layers: `embed`, `qkv`,
+`heads`, `mlp`, `modulation`, `classes`, `layers`, ...); the config's `sharding_rules` map
+each name to a mesh axis (or None = replicated). FSDP shards `embed` over `fsdp`; tensor
+parallelism shards attention and MLP widths over `tensor`. A dimension that the mesh axis
+does not divide stays replicated, so tiny models run on any mesh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,4 +71,60 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     sharding = batch_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+    )
+
+
+# logical axis name -> mesh axis (None: replicated). Names not listed are replicated.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("modulation", "tensor"),
+    ("layers", None),
+    ("classes", None),
+)
+
+
+def rules_dict(rules: Sequence[Sequence[Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Config rules (pairs or a mapping) as {logical name: mesh axis or None}."""
+    if rules is None:
+        return dict(DEFAULT_RULES)
+    pairs = rules.items() if isinstance(rules, Mapping) else rules
+    out = {}
+    for pair in pairs:
+        name, axis = pair
+        if axis is not None and axis not in MESH_AXES:
+            raise ValueError(
+                f"sharding rule {name!r} -> {axis!r}: the mesh axis must be one of {MESH_AXES}"
+            )
+        out[str(name)] = axis
+    return out
+
+
+def logical_to_mesh_spec(
+    logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any]
+) -> PartitionSpec:
+    """Map a logical PartitionSpec to mesh axes; a dim the axis does not divide is replicated,
+    and a mesh axis is used at most once per array."""
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical)),
+                         strict=True):
+        axis = rules.get(name) if name is not None else None
+        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+            spec.append(None)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Mapping[str, Any]):
+    """NamedShardings for a pytree, from its logical specs and its shapes (arrays or structs)."""
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules)),
+        logical_specs,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )

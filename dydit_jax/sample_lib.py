@@ -30,6 +30,7 @@ SAMPLERS = ("ddpm", "ddim")
 def make_batch_sampler(
     graphdef: Any,
     buffers: Any,
+    param_shardings: Any,
     image_shape: tuple[int, int, int],
     *,
     num_classes: int,
@@ -75,7 +76,9 @@ def make_batch_sampler(
 
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    return jax.jit(sample, in_shardings=(rep, rep, rows, rows), out_shardings=rows)
+    return jax.jit(
+        sample, in_shardings=(param_shardings, rep, rows, rows), out_shardings=rows
+    )
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -230,9 +233,12 @@ def sample_from_workdir(
 
     mesh = parallel.make_mesh(config.mesh_shape)
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(model_config, seed=0)  # structure only; weights restored
+        # structure and shardings only: the weights come from the checkpoint
+        parts = train_lib.build_model(
+            model_config, mesh, rules=config.get("sharding_rules"), init_params=False
+        )
         item = "ema_params" if use_ema else "params"
-        target = {item: ckpt_lib.abstract_like(parts.params, parallel.replicated(mesh))}
+        target = {item: ckpt_lib.abstract_like(parts.param_shapes, parts.param_shardings)}
         ckpt = ckpt_lib.Checkpointer(workdir, create=False)
         try:
             _, restored, _ = ckpt.restore(target, step)
@@ -241,6 +247,7 @@ def sample_from_workdir(
         batch_sampler = make_batch_sampler(
             parts.graphdef,
             parts.buffers,
+            parts.param_shardings,
             (model_config.input_size, model_config.input_size, model_config.in_channels),
             num_classes=model_config.num_classes,
             mesh=mesh,

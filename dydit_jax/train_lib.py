@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # --- parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = the remaining devices
     c.mesh_shape = (-1, 1, 1)
+    # logical parameter axis -> mesh axis (None = replicated); see dydit_jax/parallel.py
+    c.sharding_rules = parallel.DEFAULT_RULES
     # --- diffusion and sampling
     c.diffusion_steps = 1000
     c.sample = ml_collections.ConfigDict(
@@ -131,15 +133,52 @@ class ModelParts:
     """A model split for pure functions: structure, trainable params, fixed buffers."""
 
     graphdef: Any
-    params: Any  # pure dict of float32 arrays
-    buffers: Any  # pure dict (e.g. the position table)
+    params: Any  # pure dict of float32 arrays, sharded by `param_shardings` (None: not built)
+    buffers: Any  # pure dict (e.g. the position table), replicated
     config: models.DiTConfig
+    param_shapes: Any  # pure dict of ShapeDtypeStructs
+    param_shardings: Any  # pure dict of NamedShardings from the logical axis rules
 
 
-def build_model(model_config: models.DiTConfig, seed: int) -> ModelParts:
-    model = models.DiT(model_config, rngs=nnx.Rngs(seed))
-    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    return ModelParts(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers), model_config)
+def build_model(
+    model_config: models.DiTConfig,
+    mesh,
+    *,
+    seed: int = 0,
+    rules=None,
+    init_params: bool = True,
+) -> ModelParts:
+    """Create the model's parameters directly in their shardings (no host copy of the model).
+
+    With `init_params=False` only the structure, buffers and shardings are built (for a
+    restore that fills the parameters from a checkpoint).
+    """
+    rules = parallel.rules_dict(rules)
+    create = lambda: models.DiT(model_config, rngs=nnx.Rngs(seed))
+    structure = {}
+
+    def split_params():
+        structure["graphdef"], params, _ = nnx.split(create(), nnx.Param, ...)
+        return params
+
+    # jax.eval_shape rather than nnx.eval_shape: the latter would turn the logical names into
+    # shardings of the active mesh.
+    abstract_params = jax.eval_shape(split_params)
+    graphdef = structure["graphdef"]
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    shapes = nnx.to_pure_dict(abstract_params)
+    shardings = parallel.tree_shardings(logical, shapes, mesh, rules)
+    rep = parallel.replicated(mesh)
+
+    def init():
+        _, params, buffers = nnx.split(create(), nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+
+    if init_params:
+        params, buffers = jax.jit(init, out_shardings=(shardings, rep))()
+    else:  # XLA drops the unused parameter initialisation
+        params, buffers = None, jax.jit(lambda: init()[1], out_shardings=rep)()
+    return ModelParts(graphdef, params, buffers, model_config, shapes, shardings)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -153,13 +192,24 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return adamw
 
 
-def init_state(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:
+def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """Shardings of the whole train state: EMA and optimizer moments like the parameters."""
     rep = parallel.replicated(mesh)
-    params = jax.device_put(parts.params, rep)
+    opt_shapes = jax.eval_shape(tx.init, parts.param_shapes)
+    opt = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_shapes, parts.param_shardings,
+        transform_non_params=lambda _: rep,
+    )
+    return TrainState(rep, parts.param_shardings, parts.param_shardings, opt)
+
+
+def init_state(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:
+    shardings = state_shardings(parts, tx, mesh)
     # The EMA starts as a copy of the initial weights (reference recipe).
-    ema = jax.tree.map(jnp.copy, params)
-    opt_state = jax.jit(tx.init, out_shardings=rep)(params)
-    return TrainState(jnp.zeros((), jnp.int32), params, ema, opt_state)
+    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(parts.params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step, parts.params, ema(parts.params), opt_state)
 
 
 # ------------------------------------------------------------------------ update step
@@ -196,10 +246,13 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
-    rep = parallel.replicated(mesh)
+    shardings = state_shardings(parts, tx, mesh)
     rows = parallel.batch_sharding(mesh)
     return jax.jit(
-        step_fn, in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=(0,)
+        step_fn,
+        in_shardings=(shardings, rows),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
     )
 
 
@@ -260,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     from clu import metric_writers  # imports TensorFlow: only when training really starts
 
-    parts = build_model(model_config, config.seed)
+    parts = build_model(model_config, mesh, seed=config.seed, rules=config.sharding_rules)
     tx = make_optimizer(config)
     state = init_state(parts, tx, mesh)
     logging.info(
@@ -272,10 +325,9 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         check_resume_compatible(ckpt.meta(ckpt.latest_step()), model_config, workdir)
-        rep = parallel.replicated(mesh)
+        # Explicit target shardings: the checkpoint may come from another mesh.
         targets = {
-            name: ckpt_lib.abstract_like(getattr(state, name), rep)
-            for name in ckpt_lib.ARRAY_ITEMS
+            name: ckpt_lib.abstract_like(getattr(state, name)) for name in ckpt_lib.ARRAY_ITEMS
         }
         step, items, _ = ckpt.restore(targets)
         state = TrainState(jnp.asarray(step, jnp.int32), **items)
@@ -326,6 +378,7 @@ def _make_grid_sampler(parts: ModelParts, config, mesh):
     return sample_lib.make_batch_sampler(
         parts.graphdef,
         parts.buffers,
+        parts.param_shardings,
         (mc.input_size, mc.input_size, mc.in_channels),
         num_classes=mc.num_classes,
         mesh=mesh,

@@ -30,7 +30,7 @@ def test_train_steps_lower_the_loss_on_digits():
     model_config = train_lib.validate_config(config)
     mesh = parallel.make_mesh(config.mesh_shape)
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(model_config, 0)
+        parts = train_lib.build_model(model_config, mesh, seed=0)
         tx = train_lib.make_optimizer(config)
         state = train_lib.init_state(parts, tx, mesh)
         step = train_lib.make_train_step(parts, tx, config, mesh)

@@ -19,6 +19,13 @@ DIT_SIZES = {
 }
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     input_size: int = 32  # latent height = width
@@ -30,7 +37,10 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     learn_sigma: bool = True  # output 2C channels: eps and the variance interpolation value
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str = "float32"  # compute dtype (bfloat16 for speed); parameters stay float32
+    attention: str = "einsum"  # einsum (f32 softmax) | xla | cudnn: jax.nn.dot_product_attention
+    remat: str = "none"  # per-block rematerialisation: none | full | dots (save matmul outputs)
+    scan_blocks: bool = False  # lax.scan over stacked blocks: compile once, not depth times
 
     @property
     def out_channels(self) -> int:
@@ -61,6 +71,10 @@ class DiTConfig:
             )
         if self.hidden_size % 4:
             raise ValueError(f"hidden size {self.hidden_size} must be divisible by 4")
+        choices = {"attention": layers.ATTENTION_IMPLS, "remat": tuple(REMAT_POLICIES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("input_size", "patch_size", "in_channels", "depth", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -69,8 +83,11 @@ class DiTConfig:
 class DiTBlock(nnx.Module):
     """adaLN-Zero block: x += gate * Attn(mod(LN(x))); x += gate * MLP(mod(LN(x)))."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, rngs, dtype=None):
-        self.attn = layers.Attention(hidden, num_heads, rngs=rngs, dtype=dtype)
+    def __init__(
+        self, hidden: int, num_heads: int, mlp_hidden: int, *, rngs, dtype=None,
+        attention: str = "einsum",
+    ):
+        self.attn = layers.Attention(hidden, num_heads, rngs=rngs, dtype=dtype, impl=attention)
         self.mlp = layers.Mlp(hidden, mlp_hidden, rngs=rngs, dtype=dtype)
         self.adaLN = layers.AdaLNModulation(hidden, 6, rngs=rngs, dtype=dtype)
 
@@ -88,6 +105,12 @@ class DiT(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         config.validate()
         self.config = config
+        # Parameters carry logical axis names; sharding is applied explicitly (jit
+        # out_shardings from the config's rules), never eagerly at construction.
+        with nnx.use_eager_sharding(False):
+            self._build(config, rngs)
+
+    def _build(self, config: DiTConfig, rngs: nnx.Rngs) -> None:
         dtype = jnp.dtype(config.dtype)
         d = config.hidden_size
         self.x_embedder = layers.PatchEmbed(
@@ -99,12 +122,20 @@ class DiT(nnx.Module):
         self.pos_embed = layers.Buffer(
             jnp.asarray(layers.sincos_2d(d, config.grid), jnp.float32)[None]
         )
-        self.blocks = nnx.List(
-            [
-                DiTBlock(d, config.num_heads, config.mlp_hidden, rngs=rngs, dtype=dtype)
-                for _ in range(config.depth)
-            ]
+        make_block = lambda r: DiTBlock(
+            d, config.num_heads, config.mlp_hidden, rngs=r, dtype=dtype,
+            attention=config.attention,
         )
+        if config.scan_blocks:
+            # One block module whose parameters have a leading `layers` axis of size depth.
+            @nnx.split_rngs(splits=config.depth)
+            @nnx.vmap(axis_size=config.depth, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(r):
+                return make_block(r)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(config.depth)])
         self.final_layer = layers.FinalLayer(
             d, config.patch_size**2 * config.out_channels, rngs=rngs, dtype=dtype
         )
@@ -122,8 +153,23 @@ class DiT(nnx.Module):
         out = layers.unpatchify(out, cfg.patch_size, cfg.out_channels, cfg.grid, cfg.grid)
         return out.astype(jnp.float32)
 
+    def run_blocks(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
+        policy = REMAT_POLICIES[self.config.remat]
+
+        def apply(graphdef, block_state, h):
+            return nnx.merge(graphdef, block_state)(h, c)
+
+        if self.config.remat != "none":
+            apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
+        if self.config.scan_blocks:
+            graphdef, stacked = nnx.split(self.blocks)
+            body = lambda h, block_state: (apply(graphdef, block_state, h), None)
+            return jax.lax.scan(body, tokens, stacked)[0]
+        for block in self.blocks:
+            graphdef, block_state = nnx.split(block)
+            tokens = apply(graphdef, block_state, tokens)
+        return tokens
+
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
         tokens, c = self.embed(x, t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c)
-        return self.head(tokens, c)
+        return self.head(self.run_blocks(tokens, c), c)

@@ -30,19 +30,24 @@ def dense(
     in_features: int,
     out_features: int,
     *,
+    axes: tuple[str, str],
     rngs: nnx.Rngs,
     dtype: Dtype | None = None,
     kernel_init=xavier_uniform,
     bias_init=zeros,
 ) -> nnx.Linear:
-    """A Linear layer with the reference initialisation (xavier-uniform kernel, zero bias)."""
+    """A Linear layer with the reference initialisation (xavier-uniform kernel, zero bias).
+
+    `axes` are the logical names of the kernel's (in, out) dimensions; the bias carries the
+    out name. `parallel.py` maps logical names to mesh axes with the config's rules.
+    """
     return nnx.Linear(
         in_features,
         out_features,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
+        kernel_init=nnx.with_partitioning(kernel_init, axes),
+        bias_init=nnx.with_partitioning(bias_init, (axes[1],)),
         rngs=rngs,
     )
 
@@ -108,8 +113,9 @@ class TimestepEmbedder(nnx.Module):
 
     def __init__(self, hidden: int, *, freq_dim: int = 256, rngs: nnx.Rngs, dtype=None):
         self.freq_dim = freq_dim
-        self.fc1 = dense(freq_dim, hidden, rngs=rngs, dtype=dtype, kernel_init=normal_002)
-        self.fc2 = dense(hidden, hidden, rngs=rngs, dtype=dtype, kernel_init=normal_002)
+        init = dict(rngs=rngs, dtype=dtype, kernel_init=normal_002)
+        self.fc1 = dense(freq_dim, hidden, axes=("freq", "mlp"), **init)
+        self.fc2 = dense(hidden, hidden, axes=("mlp", "embed"), **init)
 
     def __call__(self, t: jax.Array) -> jax.Array:
         return self.fc2(nnx.silu(self.fc1(timestep_features(t, self.freq_dim))))
@@ -125,7 +131,7 @@ class LabelEmbedder(nnx.Module):
             hidden,
             dtype=dtype,
             param_dtype=jnp.float32,
-            embedding_init=normal_002,
+            embedding_init=nnx.with_partitioning(normal_002, ("classes", "embed")),
             rngs=rngs,
         )
 
@@ -158,8 +164,10 @@ class PatchEmbed(nnx.Module):
             padding="VALID",
             dtype=dtype,
             param_dtype=jnp.float32,
-            kernel_init=lambda k, s, d: init(k, s, d) - bound,
-            bias_init=zeros,
+            kernel_init=nnx.with_partitioning(
+                lambda k, s, d: init(k, s, d) - bound, ("patch", "patch", "channels", "embed")
+            ),
+            bias_init=nnx.with_partitioning(zeros, ("embed",)),
             rngs=rngs,
         )
 
@@ -185,31 +193,50 @@ class AdaLNModulation(nnx.Module):
 
     def __init__(self, hidden: int, n: int, *, rngs: nnx.Rngs, dtype=None):
         self.n = n
-        self.linear = dense(hidden, n * hidden, rngs=rngs, dtype=dtype, kernel_init=zeros)
+        self.linear = dense(
+            hidden, n * hidden, axes=("embed", "modulation"), rngs=rngs, dtype=dtype,
+            kernel_init=zeros,
+        )
 
     def __call__(self, c: jax.Array) -> list[jax.Array]:
         return jnp.split(self.linear(nnx.silu(c)), self.n, axis=-1)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with one fused qkv projection ([q | k | v], head-major)."""
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
-    def __init__(self, hidden: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with one fused qkv projection ([q | k | v], head-major).
+
+    `impl`: "einsum" computes the softmax in float32 (reference numerics); "xla" and "cudnn"
+    use `jax.nn.dot_product_attention` with that implementation (cudnn: fused flash attention
+    on NVIDIA GPUs, bf16/fp16 only).
+    """
+
+    def __init__(
+        self, hidden: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None, impl: str = "einsum"
+    ):
         if hidden % num_heads:
             raise ValueError(
                 f"hidden size {hidden} is not divisible by num_heads {num_heads}; "
                 "choose a head count that divides the hidden size"
             )
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {impl!r} is not one of {ATTENTION_IMPLS}")
+        self.impl = impl
         self.num_heads = num_heads
         self.head_dim = hidden // num_heads
-        self.qkv = dense(hidden, 3 * hidden, rngs=rngs, dtype=dtype)
-        self.proj = dense(hidden, hidden, rngs=rngs, dtype=dtype)
+        self.qkv = dense(hidden, 3 * hidden, axes=("embed", "qkv"), rngs=rngs, dtype=dtype)
+        self.proj = dense(hidden, hidden, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v)
+        if self.impl == "einsum":
+            out = dot_product_attention(q, k, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
         return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
 
@@ -225,8 +252,8 @@ class Mlp(nnx.Module):
     """Linear -> tanh-GELU -> Linear."""
 
     def __init__(self, hidden: int, mlp_hidden: int, *, rngs: nnx.Rngs, dtype=None):
-        self.fc1 = dense(hidden, mlp_hidden, rngs=rngs, dtype=dtype)
-        self.fc2 = dense(mlp_hidden, hidden, rngs=rngs, dtype=dtype)
+        self.fc1 = dense(hidden, mlp_hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(mlp_hidden, hidden, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu_tanh(self.fc1(x)))
@@ -237,7 +264,10 @@ class FinalLayer(nnx.Module):
 
     def __init__(self, hidden: int, out_features: int, *, rngs: nnx.Rngs, dtype=None):
         self.adaLN = AdaLNModulation(hidden, 2, rngs=rngs, dtype=dtype)
-        self.linear = dense(hidden, out_features, rngs=rngs, dtype=dtype, kernel_init=zeros)
+        self.linear = dense(
+            hidden, out_features, axes=("embed", "out"), rngs=rngs, dtype=dtype,
+            kernel_init=zeros,
+        )
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift, scale = self.adaLN(c)
