@@ -140,6 +140,23 @@ class ModelParts:
     param_shardings: Any  # pure dict of NamedShardings from the logical axis rules
 
 
+def abstract_model(model_config: models.DiTConfig, seed: int = 0) -> tuple[Any, Any, Any]:
+    """(graphdef, parameter ShapeDtypeStructs, logical PartitionSpecs), allocating nothing."""
+    structure = {}
+
+    def split_params():
+        structure["graphdef"], params, _ = nnx.split(
+            models.DiT(model_config, rngs=nnx.Rngs(seed)), nnx.Param, ...
+        )
+        return params
+
+    # jax.eval_shape rather than nnx.eval_shape: the latter would turn the logical names into
+    # shardings of the active mesh.
+    abstract_params = jax.eval_shape(split_params)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    return structure["graphdef"], nnx.to_pure_dict(abstract_params), logical
+
+
 def build_model(
     model_config: models.DiTConfig,
     mesh,
@@ -153,21 +170,9 @@ def build_model(
     With `init_params=False` only the structure, buffers and shardings are built (for a
     restore that fills the parameters from a checkpoint).
     """
-    rules = parallel.rules_dict(rules)
+    graphdef, shapes, logical = abstract_model(model_config, seed)
+    shardings = parallel.tree_shardings(logical, shapes, mesh, parallel.rules_dict(rules))
     create = lambda: models.DiT(model_config, rngs=nnx.Rngs(seed))
-    structure = {}
-
-    def split_params():
-        structure["graphdef"], params, _ = nnx.split(create(), nnx.Param, ...)
-        return params
-
-    # jax.eval_shape rather than nnx.eval_shape: the latter would turn the logical names into
-    # shardings of the active mesh.
-    abstract_params = jax.eval_shape(split_params)
-    graphdef = structure["graphdef"]
-    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    shapes = nnx.to_pure_dict(abstract_params)
-    shardings = parallel.tree_shardings(logical, shapes, mesh, rules)
     rep = parallel.replicated(mesh)
 
     def init():
