@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dydit_jax import logs, sample_lib
+from dydit_jax import logs, parallel, sample_lib
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("out", None, "Output directory for samples.npz and grid.png.")
@@ -32,6 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.configure()
+    parallel.initialize_distributed()
     try:
         summary = sample_lib.sample_from_workdir(
             FLAGS.workdir,

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dydit_jax import logs, train_lib
+from dydit_jax import logs, parallel, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
@@ -22,6 +22,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.configure()
+    parallel.initialize_distributed()
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ does not divide stays replicated, so tiny models run on any mesh.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,26 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def initialize_distributed() -> None:
+    """Start multi-process JAX when launched as one of several processes.
+
+    GPU hosts: set JAX_COORDINATOR_ADDRESS=host0:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    on every process. TPU pods and SLURM are detected by `jax.distributed.initialize()` with
+    no arguments (set DYDIT_DISTRIBUTED=1). Must run before any other JAX call.
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        # Collectives between CPU devices of different processes (affects only the CPU backend).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("DYDIT_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
 BATCH_AXES = ("data", "fsdp")
 
 

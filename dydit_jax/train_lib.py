@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
 from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
@@ -239,10 +242,9 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
         return loss, {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
 
     def step_fn(state: TrainState, batch: dict):
-        key = jax.random.fold_in(base_key, state.step)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(
-            state.params, batch["image"], batch["label"], key
-        )
+        key, input_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        x0 = model_inputs(batch, input_key)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x0, batch["label"], key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(
@@ -264,6 +266,22 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
 # ------------------------------------------------------------------------------- loop
 
 MAX_STEPS_IN_FLIGHT = 2
+
+
+def model_input_shape(example_shape: dict) -> tuple[int, ...]:
+    """The (H, W, C) the model sees for a source's examples (see `model_inputs`)."""
+    if "moments" in example_shape:  # (2 = image and flip, H, W, 2C = mean and logvar)
+        _, h, w, c2 = example_shape["moments"]
+        return (h, w, c2 // 2)
+    return tuple(example_shape["latents" if "latents" in example_shape else "image"])
+
+
+def model_inputs(batch: dict, key: jax.Array) -> jax.Array:
+    """x0 for the diffusion loss: images as they are, pre-sampled latents as they are, or,
+    for VAE moments, a random flip and a posterior sample scaled by 0.18215 (per step)."""
+    if "moments" in batch:
+        return data_lib.sample_from_moments(key, batch["moments"])
+    return batch["latents" if "latents" in batch else "image"].astype(jnp.float32)
 
 
 def run_meta(config: ml_collections.ConfigDict, model_config: models.DiTConfig, step: int) -> dict:
@@ -295,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"the data has labels up to {int(source.labels.max())} but num_classes is "
             f"{model_config.num_classes}; set --config.num_classes={int(source.labels.max()) + 1}"
         )
-    data_shape = tuple(source.images.shape[1:])
+    data_shape = model_input_shape(source.example_shape)
     expected = (model_config.input_size, model_config.input_size, model_config.in_channels)
     if data_shape != expected:
         raise ValueError(f"the data is {data_shape} per example but the model expects {expected}")
@@ -345,9 +363,15 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     train_step = make_train_step(parts, tx, config, mesh)
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
+    preemption = PreemptionWatcher()
     pending: list[dict] = []
     t_last, step_last = time.perf_counter(), start
     for step in range(start, config.num_steps):
+        if preemption.requested(step):
+            logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", step)
+            if ckpt.latest_step() != step:
+                ckpt.save(step, _items(state), run_meta(config, model_config, step), force=True)
+            break
         batch = parallel.global_batch(batches[step], mesh)
         state, metrics = train_step(state, batch)
         pending.append(metrics)
@@ -368,10 +392,36 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         if done % config.sample_every_steps == 0 or done == config.num_steps:
             _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
             t_last = time.perf_counter()  # do not count sampling in steps/s
-    ckpt.close()
+    preemption.close()
+    ckpt.close()  # waits for the async saves; their errors surface here
     writer.flush()
     writer.close()
     return state
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag that the loop checks between steps (all hosts agree)."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        # Every host must stop at the same step to save one consistent checkpoint.
+        flags = multihost_utils.process_allgather(np.asarray(self.flag, np.int32))
+        return bool(np.max(flags))
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def _items(state: TrainState) -> dict:

@@ -1,0 +1,217 @@
+r"""Memory per device of a training run: a plan for a config on a mesh, without devices.
+
+  python -m dydit_jax.memory --config=configs/dit.py:XL/2 --mesh=1,8,1 --devices=8 \
+      [--config.global_batch_size=512 --config.model_overrides.remat=full]
+
+`--mesh` is (data, fsdp, tensor) with at most one -1 (the remaining devices); without it the
+config's `mesh_shape` is used. `--devices` defaults to the product of the mesh when it has no
+-1, else to the devices of this machine.
+
+Exact (from the parameter shapes and the config's sharding rules, as the trainer shards them):
+parameters (float32), AdamW state (first and second moments like the parameters, plus step
+counters), EMA (like the parameters) and gradients (like the parameters; transient, alive
+during the update). A leaf's bytes per device are its bytes divided by the product of the
+mesh sizes of the axes its spec uses (`parallel.logical_to_mesh_spec`).
+
+Estimated: activations of one train step at the per-device batch B = global_batch_size /
+(data * fsdp), N tokens, width D, MLP width M, H heads, compute dtype of s bytes. A pre-LN
+adaLN block keeps, per token, for the backward pass:
+
+  replicated over `tensor`:  (6 s + 8) D  block input, the two LayerNorm outputs (float32),
+                             the two modulated inputs, attention branch output, the residual
+                             after attention, MLP output
+  split over `tensor`:       4 s D        q, k, v and the attention output (heads)
+                             3 s M        fc1 output, tanh-GELU intermediate, GELU output
+  attention probabilities:   H N^2 (4 + s) per sample: float32 softmax and its compute-dtype
+                             copy (einsum, xla); cudnn (flash) keeps only H N float32 stats
+
+  remat=none:  depth * block + block (backward workspace) + embed/head (3 s + 4) D per token
+  remat=dots:  depth * (input + matmul outputs: (6 D + M) s per token) + block + embed/head
+  remat=full:  depth * (block input: s D per token) + block + embed/head
+
+The `tensor` split applies only when tensor divides the heads (resp. M). Not counted: XLA
+temporaries and fragmentation, compute-dtype copies of weights, the input pipeline, sampling.
+Treat the activation number as an estimate to within tens of percent.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec
+
+from dydit_jax import parallel, train_lib
+
+GIB = 1024**3
+
+
+def _shard_factor(spec: PartitionSpec, mesh_sizes: dict[str, int]) -> int:
+    """How many ways a leaf with this mesh spec is split (product of the sizes of its axes)."""
+    factor = 1
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None:
+                factor *= mesh_sizes[axis]
+    return factor
+
+
+def _nbytes(x: Any) -> int:
+    return int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+def activation_bytes(model_config, batch: int, tensor: int = 1) -> int:
+    """Estimated activation bytes of one train step for `batch` samples (module docstring)."""
+    mc = model_config
+    s = np.dtype(mc.dtype).itemsize
+    n, d, m, h = mc.num_tokens, mc.hidden_size, mc.mlp_hidden, mc.num_heads
+    t_heads = tensor if h % tensor == 0 else 1
+    t_mlp = tensor if m % tensor == 0 else 1
+    per_token = (6 * s + 8) * d + 4 * s * d / t_heads + 3 * s * m / t_mlp
+    if mc.attention == "cudnn":
+        attn = h * n * 4 / t_heads
+    else:
+        attn = h * n * n * (4 + s) / t_heads
+    block = batch * (n * per_token + attn)
+    embed_head = batch * n * (3 * s + 4) * d
+    kept = {
+        "none": block,
+        "dots": batch * n * s * (6 * d + m),
+        "full": batch * n * s * d,
+    }[mc.remat]
+    return int(mc.depth * kept + block + embed_head)
+
+
+def memory_plan(
+    config: ml_collections.ConfigDict, mesh_shape: Sequence[int], num_devices: int
+) -> dict:
+    """Bytes per device of parameters, optimizer state, EMA, gradients and activations.
+
+    Raises ValueError for a mesh that does not fit `num_devices` or a global batch that the
+    data-parallel devices do not divide.
+    """
+    model_config = train_lib.validate_config(config)
+    shape = parallel.resolve_mesh_shape(mesh_shape, num_devices)
+    sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
+    mesh = SimpleNamespace(shape=sizes)  # all that logical_to_mesh_spec reads
+    rules = parallel.rules_dict(config.sharding_rules)
+
+    _, shapes, logical = train_lib.abstract_model(model_config)
+    factors = jax.tree.map(
+        lambda spec, x: _shard_factor(
+            parallel.logical_to_mesh_spec(spec, x.shape, mesh, rules), sizes
+        ),
+        logical,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    per_device = jax.tree.map(lambda x, f: _nbytes(x) // f, shapes, factors)
+    params = sum(jax.tree.leaves(per_device))
+
+    # AdamW state laid out as the trainer shards it: moments like their parameters, the rest
+    # (step counters) replicated.
+    tx = train_lib.make_optimizer(config)
+    opt_shapes = jax.eval_shape(tx.init, shapes)
+    opt_bytes = optax.tree_map_params(
+        tx, lambda x, f: _nbytes(x) // f, opt_shapes, factors, transform_non_params=_nbytes
+    )
+    optimizer = sum(jax.tree.leaves(opt_bytes))
+
+    ways = sizes["data"] * sizes["fsdp"]
+    if config.global_batch_size % ways:
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not divisible by the {ways} "
+            "data-parallel devices (data x fsdp); change global_batch_size or the mesh"
+        )
+    batch = config.global_batch_size // ways
+    activations = activation_bytes(model_config, batch, sizes["tensor"])
+    plan = dict(
+        model=config.model,
+        model_config=model_config,
+        param_count=int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))),
+        mesh=sizes,
+        num_devices=num_devices,
+        batch_per_device=batch,
+        tensor_divides_heads=model_config.num_heads % sizes["tensor"] == 0,
+        tensor_divides_mlp=model_config.mlp_hidden % sizes["tensor"] == 0,
+        params_bytes=params,
+        optimizer_bytes=optimizer,
+        ema_bytes=params,
+        grads_bytes=params,
+        activation_bytes=activations,
+    )
+    plan["total_bytes"] = params * 3 + optimizer + activations
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    mc = plan["model_config"]
+    mesh = plan["mesh"]
+    lines = [
+        f"{plan['model']} at latent {mc.input_size}x{mc.input_size} ({mc.num_tokens} tokens): "
+        f"{plan['param_count']:,} trainable parameters",
+        "mesh " + " ".join(f"{k}={v}" for k, v in mesh.items())
+        + f" on {plan['num_devices']} devices; {plan['batch_per_device']} samples per device "
+        f"per step (global batch / (data x fsdp))",
+        f"compute dtype {mc.dtype}, attention {mc.attention}, remat {mc.remat}",
+        f"tensor={mesh['tensor']} divides the {mc.num_heads} heads: "
+        f"{'yes' if plan['tensor_divides_heads'] else 'NO (attention is not split)'}; "
+        f"the MLP width {mc.mlp_hidden}: {'yes' if plan['tensor_divides_mlp'] else 'NO'}",
+        "",
+        f"{'per device':<34}{'GiB':>10}",
+    ]
+    rows = [
+        ("parameters (float32)", plan["params_bytes"]),
+        ("optimizer state (AdamW m, v)", plan["optimizer_bytes"]),
+        ("EMA parameters (float32)", plan["ema_bytes"]),
+        ("gradients (transient)", plan["grads_bytes"]),
+        ("activations (estimate)", plan["activation_bytes"]),
+    ]
+    lines += [f"  {name:<32}{b / GIB:>10.3f}" for name, b in rows]
+    lines.append(f"  {'total (estimate)':<32}{plan['total_bytes'] / GIB:>10.3f}")
+    lines.append(
+        "Activations are an estimate (see dydit_jax/memory.py); XLA temporaries, "
+        "fragmentation and the input pipeline come on top."
+    )
+    return "\n".join(lines)
+
+
+def _parse_mesh(values: Sequence[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--mesh takes 3 integers data,fsdp,tensor, got {values}") from None
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    flags_ = flags.FLAGS
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    try:
+        mesh = _parse_mesh(flags_.mesh) if flags_.mesh else tuple(flags_.config.mesh_shape)
+        devices = flags_.devices
+        if devices is None:
+            devices = math.prod(mesh) if -1 not in mesh else jax.device_count()
+        print(format_plan(memory_plan(flags_.config, mesh, devices)))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
+    flags.DEFINE_list("mesh", None, "data,fsdp,tensor (one -1 allowed); default: config's")
+    flags.DEFINE_integer("devices", None, "device count (default: mesh product or this host)")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,159 @@
+"""Sharding: the same training on any mesh, parameters really sharded, restore across meshes,
+and the bf16 / remat / scan switches against the plain float32 path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import data as data_lib
+from dydit_jax import parallel, train_lib
+from tests.helpers import tiny_config
+
+MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def train_steps(config, mesh, num_steps=3, params=None):
+    """(losses, final state, parts) of `num_steps` steps on digits under `mesh`."""
+    model_config = train_lib.validate_config(config)
+    with jax.set_mesh(mesh):
+        parts = train_lib.build_model(model_config, mesh, seed=0, rules=config.sharding_rules)
+        if params is not None:
+            parts.params = jax.device_put(params, parts.param_shardings)
+        tx = train_lib.make_optimizer(config)
+        state = train_lib.init_state(parts, tx, mesh)
+        step = train_lib.make_train_step(parts, tx, config, mesh)
+        batches = data_lib.make_batches(
+            data_lib.load_source(config), global_batch_size=config.global_batch_size, seed=0
+        )
+        losses = []
+        for i in range(num_steps):
+            state, metrics = step(state, parallel.global_batch(batches[i], mesh))
+            losses.append(float(metrics["loss"]))
+    return losses, state, parts
+
+
+def config_for_mesh():
+    # hidden 64, 2 heads: every sharded dimension divides 8, 4 and 2
+    return tiny_config(learning_rate=1e-3, global_batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    losses, state, _ = train_steps(config_for_mesh(), mesh)
+    return losses, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_training_agrees_across_meshes(mesh_shape, single_device_run):
+    ref_losses, ref_params = single_device_run
+    losses, state, _ = train_steps(config_for_mesh(), parallel.make_mesh(mesh_shape))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(ref_params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_parameters_are_sharded_by_the_rules():
+    mesh = parallel.make_mesh((2, 2, 2))
+    _, state, _ = train_steps(config_for_mesh(), mesh, num_steps=1)
+    block = state.params["blocks"][0]
+    assert block["attn"]["qkv"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert block["attn"]["proj"]["kernel"].sharding.spec == P("tensor", "fsdp")
+    assert block["mlp"]["fc2"]["kernel"].sharding.spec == P("tensor", "fsdp")
+    assert block["adaLN"]["linear"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert state.params["y_embedder"]["table"]["embedding"].sharding.spec == P(None, "fsdp")
+    # optimizer moments and EMA follow their parameters
+    mu = state.opt_state[1][0].mu["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert mu.sharding.spec == P("fsdp", "tensor")
+    ema = state.ema_params["blocks"][0]["mlp"]["fc1"]["kernel"]
+    assert ema.sharding.spec == P("fsdp", "tensor")
+    shard = block["attn"]["qkv"]["kernel"].addressable_shards[0].data
+    assert shard.shape == (64 // 2, 3 * 64 // 2)
+
+
+def test_indivisible_dimensions_stay_replicated():
+    mesh = parallel.make_mesh((1, 8, 1))
+    rules = parallel.rules_dict(None)
+    spec = parallel.logical_to_mesh_spec(P("embed", "mlp"), (12, 16), mesh, rules)
+    assert spec == P(None, None)  # 12 is not divisible by fsdp=8; tensor has size 1
+
+
+@pytest.mark.parametrize("save_mesh,restore_devices,restore_mesh", [
+    ((1, 8, 1), 1, (1, 1, 1)),
+    ((1, 1, 1), 8, (2, 2, 2)),
+    ((8, 1, 1), 8, (1, 4, 2)),
+])
+def test_restore_onto_another_mesh(tmp_path, save_mesh, restore_devices, restore_mesh):
+    config = config_for_mesh()
+    save_devices = jax.devices()[: int(np.prod(save_mesh))]
+    _, state, _ = train_steps(config, parallel.make_mesh(save_mesh, devices=save_devices), 2)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    saver.save(2, {"params": state.params, "opt_state": state.opt_state}, {"step": 2})
+    saver.close()
+
+    mesh = parallel.make_mesh(restore_mesh, devices=jax.devices()[:restore_devices])
+    model_config = train_lib.validate_config(config)
+    parts = train_lib.build_model(model_config, mesh, init_params=False)
+    tx = train_lib.make_optimizer(config)
+    shardings = train_lib.state_shardings(parts, tx, mesh)
+    opt_shapes = jax.eval_shape(tx.init, parts.param_shapes)
+    targets = {
+        "params": ckpt_lib.abstract_like(parts.param_shapes, shardings.params),
+        "opt_state": ckpt_lib.abstract_like(opt_shapes, shardings.opt_state),
+    }
+    step, items, _ = ckpt_lib.Checkpointer(str(tmp_path), create=False).restore(targets)
+    assert step == 2
+    for name in targets:
+        for got, want, sharding in zip(jax.tree.leaves(items[name]),
+                                       jax.tree.leaves(getattr(state, name)),
+                                       jax.tree.leaves(getattr(shardings, name)), strict=True):
+            assert got.sharding == sharding
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_an_unfinished_save_is_never_restored(tmp_path):
+    workdir = str(tmp_path)
+    train_lib.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every_steps=2), workdir)
+    # what an interrupted asynchronous save leaves behind: a temporary step directory
+    junk = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
+    (junk / "params").mkdir(parents=True)
+    (junk / "params" / "garbage").write_bytes(b"\0" * 10)
+    assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == 2
+    state = train_lib.train_and_evaluate(tiny_config(num_steps=3), workdir)
+    assert int(state.step) == 3
+
+
+def stack_blocks(params):
+    """Plain (list of blocks) parameters -> the scan layout (leading `layers` axis)."""
+    blocks = [params["blocks"][i] for i in sorted(params["blocks"])]
+    return dict(params, blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *blocks))
+
+
+@pytest.fixture(scope="module")
+def float32_run():
+    """Initial parameters and the loss curve of the plain float32 path."""
+    mesh = parallel.make_mesh((-1, 1, 1))
+    config = config_for_mesh()
+    with jax.set_mesh(mesh):
+        init = train_lib.build_model(train_lib.validate_config(config), mesh, seed=0).params
+    losses, _, _ = train_steps(config, mesh, num_steps=4)
+    return jax.device_get(init), losses
+
+
+@pytest.mark.parametrize("overrides,tolerance", [
+    ({"remat": "full"}, 1e-5),
+    ({"scan_blocks": True, "remat": "dots"}, 1e-5),
+    ({"dtype": "bfloat16"}, 3e-2),
+])
+def test_performance_switches_keep_the_loss_curve(overrides, tolerance, float32_run):
+    params, ref_losses = float32_run
+    config = config_for_mesh()
+    config.model_overrides.update(overrides)
+    if overrides.get("scan_blocks"):
+        params = stack_blocks(params)
+    losses, _, _ = train_steps(config, parallel.make_mesh((-1, 1, 1)), num_steps=4, params=params)
+    np.testing.assert_allclose(losses, ref_losses, rtol=tolerance)
