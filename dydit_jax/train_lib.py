@@ -389,7 +389,8 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
             pending, t_last, step_last = [], time.perf_counter(), done
         if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
             ckpt.save(done, _items(state), run_meta(config, model_config, done))
-        if done % config.sample_every_steps == 0 or done == config.num_steps:
+        grids = model_config.in_channels in (1, 3)  # latent grids need the VAE (issue 7)
+        if grids and (done % config.sample_every_steps == 0 or done == config.num_steps):
             _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
             t_last = time.perf_counter()  # do not count sampling in steps/s
     preemption.close()
