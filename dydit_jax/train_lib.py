@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_steps = 400_000
     c.global_batch_size = 256
     c.learning_rate = 1e-4
-    c.warmup_steps = 0  # linear lr warm-up steps (0 = constant lr)
+    c.warmup_steps = 0  # linear lr warm-up steps from 0 (0 = none)
+    c.lr_schedule = "constant"  # after warm-up: constant | cosine (decay to 0 at num_steps)
     c.weight_decay = 0.0
     c.grad_clip_norm = 0.0  # global-norm clipping (0 = none)
     c.ema_decay = 0.9999  # EMA of the weights, updated every step; used for sampling
@@ -101,6 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     for name in positive:
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    learning_rate_schedule(config)  # validates lr_schedule
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -191,13 +193,28 @@ def build_model(
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW (torch defaults: betas 0.9/0.999, eps 1e-8), optional clipping and warm-up."""
-    lr = config.learning_rate
-    if config.get("warmup_steps", 0) > 0:
-        lr = optax.linear_schedule(0.0, lr, config.warmup_steps)
-    adamw = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+    adamw = optax.adamw(
+        learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=config.weight_decay,
+    )
     if config.get("grad_clip_norm", 0) > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
     return adamw
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 over `warmup_steps`, then `lr_schedule`: constant or cosine."""
+    lr, warmup = config.learning_rate, config.get("warmup_steps", 0)
+    kind = config.get("lr_schedule", "constant")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(1, config.num_steps - warmup))
+    else:
+        raise ValueError(f"lr_schedule {kind!r} is not one of ('constant', 'cosine')")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:

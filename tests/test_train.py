@@ -127,3 +127,17 @@ def test_base_config_is_the_dit_recipe():
     params = {"w": jnp.ones(3)}
     updates, _ = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -1e-4, rtol=1e-4)  # Adam's first step is -lr*sign
+
+
+def test_learning_rate_schedules():
+    config = train_lib.base_config()
+    config.update(learning_rate=1.0, warmup_steps=10, num_steps=110, lr_schedule="cosine")
+    sched = train_lib.learning_rate_schedule(config)
+    np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(sched(60), 0.5, atol=1e-6)  # half way through the cosine
+    np.testing.assert_allclose(sched(110), 0.0, atol=1e-6)
+    config.lr_schedule = "constant"
+    np.testing.assert_allclose(train_lib.learning_rate_schedule(config)(100), 1.0)
+    config.lr_schedule = "linear-ish"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train_lib.validate_config(config)
