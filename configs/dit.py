@@ -24,11 +24,11 @@ jax.distributed.initialize() before touching a device:
   python train.py --config=configs/dit.py:XL/2 --workdir=/shared/workdirs/dit_xl2 \
       --config.data_dir=/shared/imagenet256_latents
 
-A TPU pod (every worker runs the same command; on TPU jax.distributed.initialize() needs no
-arguments):
+A TPU pod (every worker runs the same command; DYDIT_DISTRIBUTED=1 makes train.py call
+jax.distributed.initialize(), which needs no arguments on TPU):
 
   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd dydit-jax && \
-python train.py --config=configs/dit.py:XL/2 --workdir=gs://BUCKET/dit_xl2 \
+DYDIT_DISTRIBUTED=1 python train.py --config=configs/dit.py:XL/2 --workdir=gs://BUCKET/dit_xl2 \
 --config.data_dir=gs://BUCKET/imagenet256_latents"
 
 Memory per device of a config on a mesh (parameters, AdamW state, EMA, gradients and an
@@ -59,9 +59,7 @@ def variants() -> list[str]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = [p.strip() for p in (arg or "XL/2").split(",")]
     variant, res = parts[0], (parts[1] if len(parts) > 1 else "256")
-    if len(parts) > 2 or variant not in variants() or not res.isdigit() or (
-        int(res) not in RESOLUTIONS
-    ):
+    if len(parts) > 2 or variant not in variants() or res not in map(str, RESOLUTIONS):
         raise ValueError(
             f"unknown DiT variant {arg!r}; use SIZE/PATCH[,RES] with SIZE/PATCH one of "
             f"{', '.join(variants())} and RES one of {', '.join(map(str, RESOLUTIONS))} "

@@ -4,8 +4,9 @@ r"""Memory per device of a training run: a plan for a config on a mesh, without 
       [--config.global_batch_size=512 --config.model_overrides.remat=full]
 
 `--mesh` is (data, fsdp, tensor) with at most one -1 (the remaining devices); without it the
-config's `mesh_shape` is used. `--devices` defaults to the product of the mesh when it has no
--1, else to the devices of this machine.
+config's `mesh_shape` is used. `--devices` is the planned device count (default: the product
+of the mesh; required when the mesh has a -1). Nothing runs on an accelerator: the tool uses
+JAX's CPU backend for shapes only, so it is safe next to a running job.
 
 Exact (from the parameter shapes and the config's sharding rules, as the trainer shards them):
 parameters (float32), AdamW state (first and second moments like the parameters, plus step
@@ -14,24 +15,27 @@ during the update). A leaf's bytes per device are its bytes divided by the produ
 mesh sizes of the axes its spec uses (`parallel.logical_to_mesh_spec`).
 
 Estimated: activations of one train step at the per-device batch B = global_batch_size /
-(data * fsdp), N tokens, width D, MLP width M, H heads, compute dtype of s bytes. A pre-LN
-adaLN block keeps, per token, for the backward pass:
+(data * fsdp), N tokens, width D, MLP width M, H heads, compute dtype of s bytes. What a
+pre-LN adaLN block keeps for the backward pass, per token (coefficients fitted to XLA's
+buffer assignment of our float32 train step on CPU; JAX's autodiff picks the residuals, so
+they do not depend on the backend; bfloat16 sizes are scaled from float32, not measured):
 
-  replicated over `tensor`:  (6 s + 8) D  block input, the two LayerNorm outputs (float32),
-                             the two modulated inputs, attention branch output, the residual
-                             after attention, MLP output
-  split over `tensor`:       4 s D        q, k, v and the attention output (heads)
-                             3 s M        fc1 output, tanh-GELU intermediate, GELU output
-  attention probabilities:   H N^2 (4 + s) per sample: float32 softmax and its compute-dtype
-                             copy (einsum, xla); cudnn (flash) keeps only H N float32 stats
+  replicated over `tensor`:  (16 + 4 s) D  the two LayerNorms (float32), block input,
+                                           modulated inputs, branch outputs, residuals
+  split over `tensor`:       4 s D         q, k, v and the attention output (heads)
+                             5.5 s M       fc1 output and the tanh-GELU intermediates
+  attention probabilities:   H N (8 + s)   per token: float32 softmax values (two copies)
+                                           and their compute-dtype copy when s < 4
+                                           (einsum, xla); cudnn (flash) keeps 4 H bytes
 
   remat=none:  depth * block + block (backward workspace) + embed/head (3 s + 4) D per token
-  remat=dots:  depth * (input + matmul outputs: (6 D + M) s per token) + block + embed/head
+  remat=dots:  depth * (block input and matmul outputs: (6 D + M) s per token) + block
+               + embed/head
   remat=full:  depth * (block input: s D per token) + block + embed/head
 
 The `tensor` split applies only when tensor divides the heads (resp. M). Not counted: XLA
-temporaries and fragmentation, compute-dtype copies of weights, the input pipeline, sampling.
-Treat the activation number as an estimate to within tens of percent.
+temporaries of the optimizer update and fragmentation, compute-dtype copies of weights, the
+input pipeline, sampling. Treat the activation number as an estimate (tens of percent).
 """
 
 from __future__ import annotations
@@ -74,12 +78,12 @@ def activation_bytes(model_config, batch: int, tensor: int = 1) -> int:
     n, d, m, h = mc.num_tokens, mc.hidden_size, mc.mlp_hidden, mc.num_heads
     t_heads = tensor if h % tensor == 0 else 1
     t_mlp = tensor if m % tensor == 0 else 1
-    per_token = (6 * s + 8) * d + 4 * s * d / t_heads + 3 * s * m / t_mlp
+    per_token = (16 + 4 * s) * d + 4 * s * d / t_heads + 5.5 * s * m / t_mlp
     if mc.attention == "cudnn":
-        attn = h * n * 4 / t_heads
+        per_token += 4 * h / t_heads  # softmax statistics only
     else:
-        attn = h * n * n * (4 + s) / t_heads
-    block = batch * (n * per_token + attn)
+        per_token += h * n * (8 + (s if s < 4 else 0)) / t_heads
+    block = batch * n * per_token
     embed_head = batch * n * (3 * s + 4) * d
     kept = {
         "none": block,
@@ -196,11 +200,17 @@ def main(argv) -> None:
     flags_ = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
+    jax.config.update("jax_platforms", "cpu")  # shapes only: never claim an accelerator
     try:
         mesh = _parse_mesh(flags_.mesh) if flags_.mesh else tuple(flags_.config.mesh_shape)
         devices = flags_.devices
         if devices is None:
-            devices = math.prod(mesh) if -1 not in mesh else jax.device_count()
+            if -1 in mesh:
+                raise ValueError(
+                    f"mesh {mesh} has a -1 (the remaining devices): say how many devices "
+                    "the run will have with --devices=N"
+                )
+            devices = math.prod(mesh)
         print(format_plan(memory_plan(flags_.config, mesh, devices)))
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -212,6 +222,6 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
     flags.DEFINE_list("mesh", None, "data,fsdp,tensor (one -1 allowed); default: config's")
-    flags.DEFINE_integer("devices", None, "device count (default: mesh product or this host)")
+    flags.DEFINE_integer("devices", None, "planned device count (default: the mesh product)")
     flags.mark_flags_as_required(["config"])
     app.run(main)

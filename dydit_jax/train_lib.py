@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
@@ -41,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "DiT-XL/2"  # registry name: DiT-{S,B,L,XL}/{2,4,8}
     c.model_overrides = ml_collections.ConfigDict()  # replace model fields (depth, dtype, ...)
     # --- data
-    c.dataset = "digits"
+    c.dataset = "digits"  # digits (embedded) | latents (ArrayRecord shards in data_dir)
+    c.data_dir = ""
     c.image_size = 8
     c.in_channels = 1
     c.num_classes = 10
@@ -361,7 +363,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         f"{sum(x.size for x in jax.tree.leaves(parts.params)):,}",
     )
 
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs:// workdirs
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     if ckpt.latest_step() is not None:
         check_resume_compatible(ckpt.meta(ckpt.latest_step()), model_config, workdir)
