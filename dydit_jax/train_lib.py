@@ -230,6 +230,18 @@ def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh) -
     return TrainState(rep, parts.param_shardings, parts.param_shardings, opt)
 
 
+def restore_targets(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> dict:
+    """Abstract checkpoint items with explicit target shardings for this mesh (the checkpoint
+    may come from another mesh or device count)."""
+    shardings = state_shardings(parts, tx, mesh)
+    opt_shapes = jax.eval_shape(tx.init, parts.param_shapes)
+    return {
+        "params": ckpt_lib.abstract_like(parts.param_shapes, shardings.params),
+        "ema_params": ckpt_lib.abstract_like(parts.param_shapes, shardings.ema_params),
+        "opt_state": ckpt_lib.abstract_like(opt_shapes, shardings.opt_state),
+    }
+
+
 def init_state(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:
     shardings = state_shardings(parts, tx, mesh)
     # The EMA starts as a copy of the initial weights (reference recipe).
@@ -355,26 +367,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     from clu import metric_writers  # imports TensorFlow: only when training really starts
 
-    parts = build_model(model_config, mesh, seed=config.seed, rules=config.sharding_rules)
-    tx = make_optimizer(config)
-    state = init_state(parts, tx, mesh)
-    logging.info(
-        "model %s: %s trainable parameters", config.model,
-        f"{sum(x.size for x in jax.tree.leaves(parts.params)):,}",
-    )
-
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs:// workdirs
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
+    resume = ckpt.latest_step() is not None
+    if resume:
         check_resume_compatible(ckpt.meta(ckpt.latest_step()), model_config, workdir)
-        # Explicit target shardings: the checkpoint may come from another mesh.
-        targets = {
-            name: ckpt_lib.abstract_like(getattr(state, name)) for name in ckpt_lib.ARRAY_ITEMS
-        }
-        step, items, _ = ckpt.restore(targets)
-        state = TrainState(jnp.asarray(step, jnp.int32), **items)
+    parts = build_model(
+        model_config, mesh, seed=config.seed, rules=config.sharding_rules,
+        init_params=not resume,  # a resumed run never allocates a fresh state
+    )
+    tx = make_optimizer(config)
+    logging.info(
+        "model %s: %s trainable parameters", config.model,
+        f"{sum(x.size for x in jax.tree.leaves(parts.param_shapes)):,}",
+    )
+    if resume:
+        step, items, _ = ckpt.restore(restore_targets(parts, tx, mesh))
+        shardings = state_shardings(parts, tx, mesh)
+        state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), **items)
         logging.info("resumed from step %d in %s", step, ckpt.directory)
+    else:
+        state = init_state(parts, tx, mesh)
     start = int(state.step)
+    grids = model_config.in_channels in (1, 3)  # latent grids need the VAE decoder (issue 7)
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True
@@ -408,7 +423,6 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
             pending, t_last, step_last = [], time.perf_counter(), done
         if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
             ckpt.save(done, _items(state), run_meta(config, model_config, done))
-        grids = model_config.in_channels in (1, 3)  # latent grids need the VAE (issue 7)
         if grids and (done % config.sample_every_steps == 0 or done == config.num_steps):
             _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
             t_last = time.perf_counter()  # do not count sampling in steps/s

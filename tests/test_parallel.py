@@ -100,11 +100,8 @@ def test_restore_onto_another_mesh(tmp_path, save_mesh, restore_devices, restore
     parts = train_lib.build_model(model_config, mesh, init_params=False)
     tx = train_lib.make_optimizer(config)
     shardings = train_lib.state_shardings(parts, tx, mesh)
-    opt_shapes = jax.eval_shape(tx.init, parts.param_shapes)
-    targets = {
-        "params": ckpt_lib.abstract_like(parts.param_shapes, shardings.params),
-        "opt_state": ckpt_lib.abstract_like(opt_shapes, shardings.opt_state),
-    }
+    targets = train_lib.restore_targets(parts, tx, mesh)
+    targets = {name: targets[name] for name in ("params", "opt_state")}
     step, items, _ = ckpt_lib.Checkpointer(str(tmp_path), create=False).restore(targets)
     assert step == 2
     for name in targets:
