@@ -53,7 +53,7 @@ RESOLUTIONS = {256: 32, 512: 64}
 
 def variants() -> list[str]:
     """The model variants, from the registry: S/2, S/4, ..., XL/8."""
-    return [name.removeprefix("DiT-") for name in models.model_names()]
+    return [name.removeprefix("DiT-") for name in models.model_names("DiT")]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

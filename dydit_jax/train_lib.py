@@ -153,7 +153,7 @@ def abstract_model(model_config: models.DiTConfig, seed: int = 0) -> tuple[Any, 
 
     def split_params():
         structure["graphdef"], params, _ = nnx.split(
-            models.DiT(model_config, rngs=nnx.Rngs(seed)), nnx.Param, ...
+            models.model_class(model_config)(model_config, rngs=nnx.Rngs(seed)), nnx.Param, ...
         )
         return params
 
@@ -179,7 +179,7 @@ def build_model(
     """
     graphdef, shapes, logical = abstract_model(model_config, seed)
     shardings = parallel.tree_shardings(logical, shapes, mesh, parallel.rules_dict(rules))
-    create = lambda: models.DiT(model_config, rngs=nnx.Rngs(seed))
+    create = lambda: models.model_class(model_config)(model_config, rngs=nnx.Rngs(seed))
     rep = parallel.replicated(mesh)
 
     def init():

@@ -35,7 +35,7 @@ def test_dit_config_through_the_config_flag():
     assert values.config.model == "DiT-L/4" and values.config.image_size == 64
 
 
-DIT_VARIANTS = [n.removeprefix("DiT-") for n in models.model_names()]
+DIT_VARIANTS = [n.removeprefix("DiT-") for n in models.model_names("DiT")]
 
 
 @pytest.mark.parametrize("variant", DIT_VARIANTS)

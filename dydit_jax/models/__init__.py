@@ -9,13 +9,21 @@ from typing import Any
 from flax import nnx
 
 from dydit_jax.models.dit import DIT_SIZES, DiT, DiTConfig
+from dydit_jax.models.dydit import DyDiT, DyDiTConfig
 
-_NAME = re.compile(r"^(?P<family>DiT)-(?P<size>[A-Z]+)/(?P<patch>\d+)$")
+_NAME = re.compile(r"^(?P<family>DiT|DyDiT)-(?P<size>[A-Z]+)/(?P<patch>\d+)$")
+FAMILIES = {"DiT": (DiT, DiTConfig), "DyDiT": (DyDiT, DyDiTConfig)}
 
 
-def model_names() -> list[str]:
-    """All registered names, e.g. DiT-S/2 ... DiT-XL/8."""
-    return [f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8)]
+def model_names(family: str | None = None) -> list[str]:
+    """Registered names, e.g. DiT-S/2 ... DiT-XL/8, DyDiT-S/2 ... (one family or all)."""
+    families = FAMILIES if family is None else [family]
+    return [f"{f}-{s}/{p}" for f in families for s in DIT_SIZES for p in (2, 4, 8)]
+
+
+def model_class(config: DiTConfig) -> type[DiT]:
+    """The module class that builds a model config (DiT or DyDiT)."""
+    return DyDiT if isinstance(config, DyDiTConfig) else DiT
 
 
 def model_config(
@@ -28,6 +36,7 @@ def model_config(
             f"unknown model name {name!r}; choose one of: {', '.join(model_names())}"
         )
     depth, hidden, heads = DIT_SIZES[match["size"]]
+    config_class = FAMILIES[match["family"]][1]
     fields = dict(
         input_size=input_size,
         patch_size=int(match["patch"]),
@@ -37,14 +46,14 @@ def model_config(
         num_heads=heads,
         num_classes=num_classes,
     )
-    known = {f.name for f in dataclasses.fields(DiTConfig)}
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(
             f"unknown model option(s) {unknown} for {name}; known options: {sorted(known)}"
         )
     fields.update(overrides)
-    config = DiTConfig(**fields)
+    config = config_class(**fields)
     config.validate()
     return config
 
@@ -58,11 +67,14 @@ def create_model(
     rngs: nnx.Rngs,
     **overrides: Any,
 ) -> DiT:
-    """Build a model by name. Returns an NNX module called as `model(x, t, y)`."""
+    """Build a model by name (DiT or DyDiT). Returns an NNX module called as `model(x, t, y)`."""
     config = model_config(
         name, input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides
     )
-    return DiT(config, rngs=rngs)
+    return model_class(config)(config, rngs=rngs)
 
 
-__all__ = ["DiT", "DiTConfig", "create_model", "model_config", "model_names"]
+__all__ = [
+    "DiT", "DiTConfig", "DyDiT", "DyDiTConfig", "create_model", "model_class", "model_config",
+    "model_names",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -92,15 +93,39 @@ class DiTBlock(nnx.Module):
         self.adaLN = layers.AdaLNModulation(hidden, 6, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        return self.forward(x, c)[0]
+
+    def forward(
+        self,
+        x: jax.Array,
+        c: jax.Array,
+        head_mask: jax.Array | None = None,
+        group_mask: jax.Array | None = None,
+        token_router: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The block with optional DyDiT masks: heads (B, H), MLP channel groups (B, G), and
+        a token router that maps the residual stream after attention to a (B, N) mask of
+        the tokens that run the MLP. Returns (x, token mask or None)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN(c)
-        h = self.attn(layers.modulate(layers.layer_norm(x), shift_msa, scale_msa))
+        h = self.attn(layers.modulate(layers.layer_norm(x), shift_msa, scale_msa), head_mask)
         x = x + gate_msa[:, None, :] * h
-        h = self.mlp(layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp))
-        return x + gate_mlp[:, None, :] * h
+        token_mask = None if token_router is None else token_router(x)
+        h = self.mlp(layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp), group_mask)
+        gate = gate_mlp[:, None, :]
+        if token_mask is not None:
+            gate = gate * token_mask[..., None].astype(gate.dtype)
+        return x + gate * h, token_mask
 
 
 class DiT(nnx.Module):
     """model(x, t, y): NHWC x, int32 t in 0..999, int32 y -> NHWC with out_channels."""
+
+    @staticmethod
+    def block_class(config: DiTConfig, *, rngs, dtype) -> DiTBlock:
+        return DiTBlock(
+            config.hidden_size, config.num_heads, config.mlp_hidden, rngs=rngs, dtype=dtype,
+            attention=config.attention,
+        )
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         config.validate()
@@ -122,10 +147,7 @@ class DiT(nnx.Module):
         self.pos_embed = layers.Buffer(
             jnp.asarray(layers.sincos_2d(d, config.grid), jnp.float32)[None]
         )
-        make_block = lambda r: DiTBlock(
-            d, config.num_heads, config.mlp_hidden, rngs=r, dtype=dtype,
-            attention=config.attention,
-        )
+        make_block = lambda r: self.block_class(config, rngs=r, dtype=dtype)
         if config.scan_blocks:
             # One block module whose parameters have a leading `layers` axis of size depth.
             @nnx.split_rngs(splits=config.depth)
@@ -142,10 +164,15 @@ class DiT(nnx.Module):
 
     def embed(self, x: jax.Array, t: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Tokens (B, N, D) with positions added, and the conditioning c = t_emb + y_emb."""
+        tokens, t_emb, c = self.embed_all(x, t, y)
+        return tokens, c
+
+    def embed_all(self, x, t, y) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(tokens, t_emb, c): DyDiT's width routers read t_emb alone."""
         dtype = jnp.dtype(self.config.dtype)
         tokens = self.x_embedder(x.astype(dtype)) + self.pos_embed[...].astype(dtype)
-        c = self.t_embedder(t) + self.y_embedder(y)
-        return tokens, c
+        t_emb = self.t_embedder(t)
+        return tokens, t_emb, t_emb + self.y_embedder(y)
 
     def head(self, tokens: jax.Array, c: jax.Array) -> jax.Array:
         cfg = self.config

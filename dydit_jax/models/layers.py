@@ -229,7 +229,8 @@ class Attention(nnx.Module):
         self.qkv = dense(hidden, 3 * hidden, axes=("embed", "qkv"), rngs=rngs, dtype=dtype)
         self.proj = dense(hidden, hidden, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, head_mask: jax.Array | None = None) -> jax.Array:
+        """`head_mask` (B, H) multiplies each head's output before `proj` (DyDiT's TDW)."""
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -237,6 +238,8 @@ class Attention(nnx.Module):
             out = dot_product_attention(q, k, v)
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+        if head_mask is not None:
+            out = out * head_mask[:, None, :, None].astype(out.dtype)
         return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
 
@@ -255,8 +258,14 @@ class Mlp(nnx.Module):
         self.fc1 = dense(hidden, mlp_hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.fc2 = dense(mlp_hidden, hidden, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+    def __call__(self, x: jax.Array, group_mask: jax.Array | None = None) -> jax.Array:
+        """`group_mask` (B, G) multiplies G contiguous channel groups of the hidden layer
+        before GELU (GELU(0) = 0, so a masked group equals a dropped one)."""
+        h = self.fc1(x)
+        if group_mask is not None:
+            per_group = h.shape[-1] // group_mask.shape[-1]
+            h = h * jnp.repeat(group_mask, per_group, axis=-1)[:, None, :].astype(h.dtype)
+        return self.fc2(gelu_tanh(h))
 
 
 class FinalLayer(nnx.Module):

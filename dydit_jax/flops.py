@@ -1,0 +1,256 @@
+"""Analytic compute of DiT / DyDiT and the DyDiT FLOPs-constrained training objective.
+
+Units: every ``*_macs`` function returns multiply-adds (MACs) of one forward pass at batch 1.
+"FLOPs" in the DiT and DyDiT papers are MACs; divide by 1e9 for the GFLOPs of their tables.
+
+Counting convention (``dit_macs``)
+----------------------------------
+Only matmuls and convolutions are counted, one MAC per multiply-add of a weight product;
+biases, softmax, layer norms, modulation, GELU/SiLU, residual adds, the position embedding
+and the label-table lookup are free. With ``N`` tokens, width ``D``, MLP width ``Dm`` (4D),
+``L`` blocks, patch ``p``, ``C`` input and ``C_out`` output channels:
+
+- patch embedding conv: ``N * (C p^2) * D``;
+- timestep embedder MLP (once per sample): ``256 D + D^2``;
+- per block: qkv ``3 N D^2``, attention scores ``q k^T`` ``N^2 D``, ``attn @ v`` ``N^2 D``,
+  proj ``N D^2``, fc1 ``N D Dm``, fc2 ``N Dm D``, adaLN linear (once per sample, not per
+  token) ``6 D^2``;
+- final layer: adaLN linear ``2 D^2`` (per sample) and linear ``N * D * (p^2 C_out)``.
+
+This is the only subset of {patch conv, block matmuls, q@k^T and attn@v, block adaLN,
+t-embedder MLP, final adaLN, final linear} (the block linears always included) that
+reproduces all twelve entries of the DiT table at 256px (S/2 6.06, S/4 1.41, S/8 0.36,
+B/2 23.01, B/4 5.57, B/8 1.42, L/2 80.70, L/4 19.70, L/8 5.01, XL/2 118.62, XL/4 29.04,
+XL/8 7.39) to the printed decimals, and it gives 524.54 (printed 524.5) for XL/2 at 512px.
+Dropping any single part breaks at least one entry.
+
+DyDiT convention (``dydit_convention=True``)
+--------------------------------------------
+The DyDiT paper prints slightly larger baselines: DiT-S 6.07, DiT-B 23.02, DiT-XL 118.69.
+They are reproduced exactly by additionally counting every layer norm at 4 operations per
+input element (mean, subtract, variance, divide; no affine), i.e. ``(2 L + 1) * 4 N D``
+(two norms per block, one in the final layer) -- the default layer-norm charge of
+fvcore-style counters, which is presumably what measured them. Counting 3 or 5 operations
+per element does not match (B becomes 23.03 with 5, S stays 6.06 with 3), and adding the
+DyDiT token routers instead overshoots (S would be 6.08). The per-sample width routers are
+negligible (< 1 MMAC) and do not change any printed value either way.
+
+Dynamic model
+-------------
+``flops_ratio`` is the DyDiT ratio of the *block* matmuls that run (attention
+``A = 4 N D^2 + 2 N^2 D`` per block, MLP ``M = 2 N D Dm = 8 N D^2``); the embedders, the
+blocks' adaLN linears, the final layer (and layer norms in the DyDiT convention) always run.
+``dynamic_macs`` therefore is ``constant + ratio * L * (A + M)``, optionally plus the router
+overhead (``router_macs``). The published DyDiT GFLOPs are measured averages of the achieved
+ratio over the sampling trajectory, not ``lambda`` itself, so they are not a function of
+lambda alone.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+
+# Width of the sinusoidal timestep features fed to the t-embedder MLP (specs/DIT.md).
+TIMESTEP_FREQ_DIM = 256
+# Operations charged per layer-norm input element in the DyDiT convention.
+LAYER_NORM_OPS_PER_ELEMENT = 4
+
+
+def _mlp_hidden(config) -> int:
+    return int(config.hidden_size * config.mlp_ratio)
+
+
+def block_costs(num_tokens: int, hidden: int, mlp_hidden: int | None = None) -> tuple[int, int]:
+    """Per-block multiply-adds (A, M) of the attention and MLP branches.
+
+    ``A = 4 N D^2 + 2 N^2 D`` (qkv, proj, q k^T and attn @ v); ``M = 2 N D Dm``, which is
+    ``8 N D^2`` for the default ``mlp_hidden = 4 D``. The adaLN modulation is not included
+    (it is per sample and never skipped).
+    """
+    n, d = int(num_tokens), int(hidden)
+    dm = 4 * d if mlp_hidden is None else int(mlp_hidden)
+    attn = 4 * n * d * d + 2 * n * n * d
+    mlp = 2 * n * d * dm
+    return attn, mlp
+
+
+def dit_macs_breakdown(config, *, dydit_convention: bool = False) -> dict[str, int]:
+    """Multiply-adds of one DiT forward at batch 1, by part (see the module docstring).
+
+    Keys: patch_embed, t_embedder, attn_qkv, attn_scores (q k^T), attn_values (attn @ v),
+    attn_proj, mlp_fc1, mlp_fc2, adaln (all blocks), final_adaln, final_linear, layer_norm
+    (non-zero only with ``dydit_convention``). The values sum to ``dit_macs(config)``.
+    """
+    n, d, depth = config.num_tokens, config.hidden_size, config.depth
+    dm, p = _mlp_hidden(config), config.patch_size
+    ln_count = 2 * depth + 1
+    return {
+        "patch_embed": n * config.in_channels * p * p * d,
+        "t_embedder": TIMESTEP_FREQ_DIM * d + d * d,
+        "attn_qkv": depth * 3 * n * d * d,
+        "attn_scores": depth * n * n * d,
+        "attn_values": depth * n * n * d,
+        "attn_proj": depth * n * d * d,
+        "mlp_fc1": depth * n * d * dm,
+        "mlp_fc2": depth * n * dm * d,
+        "adaln": depth * 6 * d * d,
+        "final_adaln": 2 * d * d,
+        "final_linear": n * d * p * p * config.out_channels,
+        "layer_norm": ln_count * LAYER_NORM_OPS_PER_ELEMENT * n * d if dydit_convention else 0,
+    }
+
+
+def dit_macs(config, *, dydit_convention: bool = False) -> float:
+    """Multiply-adds of one DiT forward at batch 1 (divide by 1e9 for the paper's GFLOPs).
+
+    Default: the DiT paper's convention (matmuls and the patch conv only); reproduces its
+    table for all 12 sizes and 524.5 for XL/2 at 512px. ``dydit_convention=True`` also charges
+    4 ops per layer-norm element, which reproduces the DyDiT paper's baselines (6.07 / 23.02 /
+    118.69 for S/2, B/2, XL/2).
+    """
+    return float(sum(dit_macs_breakdown(config, dydit_convention=dydit_convention).values()))
+
+
+def routed_block_macs(config) -> int:
+    """Multiply-adds of all blocks' routable parts: ``depth * (A + M)``."""
+    attn, mlp = block_costs(config.num_tokens, config.hidden_size, _mlp_hidden(config))
+    return config.depth * (attn + mlp)
+
+
+def router_macs(config, *, num_logits: int | None = None, token_router: bool = True) -> int:
+    """Multiply-adds of the DyDiT routers of all blocks at batch 1.
+
+    Width routers (``attn_rate`` and ``mlp_rate``): two Linear(D -> K) on the timestep
+    embedding, once per sample; ``K = num_logits`` (default ``num_heads - 1``, the training
+    release; the inference-only release uses ``num_heads``). Token router (SDT, when
+    ``token_router``): ``Linear(D -> D//16)`` and ``Linear(D//16 -> 1)`` on every token.
+    """
+    d, n = config.hidden_size, config.num_tokens
+    k = config.num_heads - 1 if num_logits is None else int(num_logits)
+    per_block = 2 * d * k
+    if token_router:
+        r = d // 16
+        per_block += n * (d * r + r)
+    return config.depth * per_block
+
+
+def dynamic_macs(
+    config,
+    ratio,
+    *,
+    dydit_convention: bool = False,
+    routers: bool = False,
+    num_logits: int | None = None,
+):
+    """Multiply-adds of the dynamic model at batch 1 given a DyDiT FLOPs ratio.
+
+    ``constant + ratio * depth * (A + M)``: only the blocks' attention and MLP matmuls scale
+    with the ratio; the embedders, the blocks' adaLN linears, the final layer (and the layer
+    norms with ``dydit_convention``) stay constant. ``routers=True`` adds ``router_macs``
+    (with ``num_logits``; token routers included). ``ratio`` may be a float or an array
+    (e.g. the per-sample output of ``flops_ratio``); the result has the same shape.
+    ``dynamic_macs(config, 1.0) == dit_macs(config)`` without routers.
+    """
+    blocks = float(routed_block_macs(config))  # floats: too large for int32 arrays
+    constant = dit_macs(config, dydit_convention=dydit_convention) - blocks
+    if routers:
+        constant += float(router_macs(config, num_logits=num_logits))
+    if isinstance(ratio, numbers.Real):
+        return constant + float(ratio) * blocks
+    return constant + ratio * blocks
+
+
+def _as_float(x) -> jnp.ndarray:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def flops_ratio(
+    head_masks,
+    group_masks,
+    token_masks,
+    num_tokens: int,
+    hidden: int,
+    mlp_hidden: int | None = None,
+) -> jnp.ndarray:
+    """Per-sample DyDiT FLOPs ratio, shape (B,).
+
+    ``r_b = sum_l [mean_h(head[b,l]) A + mean_g(group[b,l]) mean_n(tok[b,l]) M] / (L (A + M))``
+    with ``(A, M) = block_costs(num_tokens, hidden, mlp_hidden)``. Masks: head (B, L, H),
+    group (B, L, G), token (B, L, N) or None (every token runs the MLP); bool or float.
+    Jittable (``num_tokens``, ``hidden`` and ``mlp_hidden`` static) and differentiable with
+    respect to float masks (the straight-through Gumbel masks carry gradients).
+    """
+    head = _as_float(head_masks)
+    group = _as_float(group_masks)
+    if head.ndim != 3 or group.ndim != 3:
+        raise ValueError(
+            f"head and group masks must be (batch, layers, heads), got shapes {head.shape} "
+            f"and {group.shape}"
+        )
+    if head.shape[:2] != group.shape[:2]:
+        raise ValueError(
+            f"head masks {head.shape} and group masks {group.shape} disagree on (batch, layers)"
+        )
+    attn, mlp = block_costs(num_tokens, hidden, mlp_hidden)
+    attn_frac = attn / (attn + mlp)  # normalise in Python: no 1e9-sized numbers in float32
+    mlp_use = jnp.mean(group, axis=-1)
+    if token_masks is not None:
+        tok = _as_float(token_masks)
+        if tok.ndim != 3 or tok.shape[:2] != head.shape[:2] or tok.shape[2] != num_tokens:
+            raise ValueError(
+                f"token masks must be (batch, layers, num_tokens) = "
+                f"{(*head.shape[:2], num_tokens)}, got {tok.shape}"
+            )
+        mlp_use = mlp_use * jnp.mean(tok, axis=-1)
+    per_layer = attn_frac * jnp.mean(head, axis=-1) + (1.0 - attn_frac) * mlp_use
+    return jnp.mean(per_layer, axis=-1)
+
+
+def flops_loss(ratio, lambda_target) -> jnp.ndarray:
+    """DyDiT FLOPs loss ``2 (mean_b ratio_b - lambda_target)^2`` (batch mean, then square)."""
+    return 2.0 * jnp.square(jnp.mean(_as_float(ratio)) - lambda_target)
+
+
+def lambda_schedule(step, target, *, hold_steps: int = 100, warmup_steps: int = 1000):
+    """Target FLOPs ratio at a training step.
+
+    1.0 for ``step < hold_steps``, then linear from 1.0 (at ``hold_steps``) to ``target`` (at
+    ``hold_steps + warmup_steps``), then ``target``. ``warmup_steps <= 0`` jumps to
+    ``target`` at ``hold_steps``. Python numbers in -> Python float out; a jax/numpy step or
+    target -> float32 array (jittable, ``hold_steps``/``warmup_steps`` static).
+    """
+    hold, warm = int(hold_steps), int(warmup_steps)
+    if isinstance(step, numbers.Integral | np.integer) and isinstance(target, numbers.Real):
+        if warm <= 0:
+            progress = 1.0 if step >= hold else 0.0
+        else:
+            progress = min(max((int(step) - hold) / warm, 0.0), 1.0)
+        # Written so that progress 0 gives exactly 1.0 and progress 1 exactly `target`.
+        return (1.0 - progress) + progress * float(target)
+    s = jnp.asarray(step).astype(jnp.float32)
+    if warm <= 0:
+        progress = (s >= hold).astype(jnp.float32)
+    else:
+        progress = jnp.clip((s - hold) / warm, 0.0, 1.0)
+    return (1.0 - progress) + progress * jnp.asarray(target, jnp.float32)
+
+
+__all__ = [
+    "LAYER_NORM_OPS_PER_ELEMENT",
+    "TIMESTEP_FREQ_DIM",
+    "block_costs",
+    "dit_macs",
+    "dit_macs_breakdown",
+    "dynamic_macs",
+    "flops_loss",
+    "flops_ratio",
+    "lambda_schedule",
+    "routed_block_macs",
+    "router_macs",
+]

@@ -1,0 +1,149 @@
+"""DyDiT (Zhao et al., ICLR 2025): DiT with routers that switch off attention heads and MLP
+channel groups per timestep (TDW) and skip the MLP for unneeded tokens (SDT).
+
+The backbone is DiT's (same block, same parameter names), so a DiT checkpoint initialises a
+DyDiT directly; each block adds three routers (specs/DYDIT.md):
+  attn_rate       Linear(D -> K) on the timestep embedding t_emb: one logit per head
+  mlp_rate        Linear(D -> K) on t_emb: one logit per MLP channel group (H groups of 4D/H)
+  token_selection Linear(D -> D/16) -> ReLU -> Linear(D/16 -> 1) on the residual stream right
+                  after the attention residual: one logit per token (skip the MLP or not)
+K = H ("all" layout, the inference-only release) or H - 1 with head/group 0 always on
+("first_on", the training release). Training masks are straight-through gumbel-sigmoid
+(tau 5, threshold 0.5); evaluation masks are `logits > 0`. Training here is static-shape
+masking: shapes never depend on the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dydit_jax.models import layers
+from dydit_jax.models.dit import DiT, DiTBlock, DiTConfig
+
+ROUTER_LAYOUTS = ("first_on", "all")
+WIDTH_ROUTER_BIAS = 15.0  # starts with every head and group on
+TOKEN_ROUTER_BIAS = 35.0  # starts with every token on
+
+
+@dataclasses.dataclass(frozen=True)
+class DyDiTConfig(DiTConfig):
+    router_layout: str = "first_on"  # first_on: head/group 0 always on (training release)
+    tau: float = 5.0  # gumbel-sigmoid temperature (only the surrogate gradient's slope)
+    token_router_ratio: int = 16  # token router hidden width = D / ratio
+
+    def validate(self) -> None:
+        super().validate()
+        if self.router_layout not in ROUTER_LAYOUTS:
+            raise ValueError(f"router_layout {self.router_layout!r} not in {ROUTER_LAYOUTS}")
+        if self.mlp_hidden % self.num_heads:
+            raise ValueError(
+                f"MLP width {self.mlp_hidden} is not divisible into {self.num_heads} groups"
+            )
+        if self.scan_blocks:
+            raise ValueError("DyDiT runs its blocks in a loop; set scan_blocks=False")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+
+    @property
+    def num_router_logits(self) -> int:
+        return self.num_heads - 1 if self.router_layout == "first_on" else self.num_heads
+
+
+def gumbel_sigmoid(logits: jax.Array, key: jax.Array | None, tau: float) -> jax.Array:
+    """0/1 masks. With a key (training): hard threshold of sigmoid((logits + L) / tau), L ~
+    Logistic(0, 1) (= the difference of two Gumbels), with the straight-through gradient of
+    the soft value. Without a key (evaluation): 1[logits > 0]."""
+    logits = logits.astype(jnp.float32)
+    if key is None:
+        return (logits > 0).astype(jnp.float32)
+    soft = jax.nn.sigmoid((logits + jax.random.logistic(key, logits.shape)) / tau)
+    hard = (soft > 0.5).astype(jnp.float32)
+    return hard - jax.lax.stop_gradient(soft) + soft
+
+
+class DyDiTBlock(DiTBlock):
+    """A DiT block plus its three routers (the block's computation is DiTBlock.forward)."""
+
+    def __init__(self, config: DyDiTConfig, *, rngs, dtype=None):
+        super().__init__(
+            config.hidden_size, config.num_heads, config.mlp_hidden, rngs=rngs, dtype=dtype,
+            attention=config.attention,
+        )
+        d, k = config.hidden_size, config.num_router_logits
+        width_bias = nnx.initializers.constant(WIDTH_ROUTER_BIAS)
+        self.attn_rate = layers.dense(
+            d, k, axes=("embed", "router"), rngs=rngs, bias_init=width_bias
+        )
+        self.mlp_rate = layers.dense(
+            d, k, axes=("embed", "router"), rngs=rngs, bias_init=width_bias
+        )
+        hidden = d // config.token_router_ratio
+        self.token_fc1 = layers.dense(d, hidden, axes=("embed", "router"), rngs=rngs)
+        self.token_fc2 = layers.dense(
+            hidden, 1, axes=("router", "out"), rngs=rngs,
+            bias_init=nnx.initializers.constant(TOKEN_ROUTER_BIAS),
+        )
+        self.first_on = config.router_layout == "first_on"
+
+    def width_logits(self, t_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.attn_rate(t_emb), self.mlp_rate(t_emb)
+
+    def token_logits(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(self.token_fc1(x.astype(jnp.float32)))
+        return self.token_fc2(h)[..., 0]
+
+    def full_width(self, mask: jax.Array) -> jax.Array:
+        """Prepend the always-on head/group 0 of the training release's layout."""
+        if not self.first_on:
+            return mask
+        return jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=-1)
+
+
+class DyDiT(DiT):
+    """model(x, t, y, key=None, complete=False, return_masks=False).
+
+    key: PRNG key for training masks (gumbel noise); None gives the deterministic eval masks.
+    complete: bypass the routers (every head, group and token on; the warm-up stage's term).
+    return_masks: also return {"heads": (B, L, H), "groups": (B, L, H), "tokens": (B, L, N)}.
+    """
+
+    @staticmethod
+    def block_class(config: DyDiTConfig, *, rngs, dtype) -> DyDiTBlock:
+        return DyDiTBlock(config, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, t, y, *, key=None, complete=False, return_masks=False):
+        tokens, t_emb, c = self.embed_all(x, t, y)
+        tau = self.config.tau
+        heads, groups, token_masks = [], [], []
+        for i, block in enumerate(self.blocks):
+            if complete:
+                tokens = block(tokens, c)
+                continue
+            keys = [None] * 3
+            if key is not None:
+                keys = list(jax.random.split(jax.random.fold_in(key, i), 3))
+            head_logits, group_logits = block.width_logits(t_emb)
+            head_mask = block.full_width(gumbel_sigmoid(head_logits, keys[0], tau))
+            group_mask = block.full_width(gumbel_sigmoid(group_logits, keys[1], tau))
+            router = lambda h, b=block, k=keys[2]: gumbel_sigmoid(b.token_logits(h), k, tau)
+            tokens, token_mask = block.forward(tokens, c, head_mask, group_mask, router)
+            heads.append(head_mask)
+            groups.append(group_mask)
+            token_masks.append(token_mask)
+        out = self.head(tokens, c)
+        if not return_masks:
+            return out
+        if complete:
+            cfg = self.config
+            ones = jnp.ones((x.shape[0], cfg.depth, cfg.num_heads), jnp.float32)
+            tokens_on = jnp.ones((x.shape[0], cfg.depth, cfg.num_tokens), jnp.float32)
+            return out, {"heads": ones, "groups": ones, "tokens": tokens_on}
+        return out, {
+            "heads": jnp.stack(heads, axis=1),
+            "groups": jnp.stack(groups, axis=1),
+            "tokens": jnp.stack(token_masks, axis=1),
+        }
