@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import models, parallel, sample_lib
+from dydit_jax import flops, models, parallel, sample_lib
 from dydit_jax.models import layers
 
 # ----------------------------------------------------------------------------- config
@@ -58,6 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0  # global-norm clipping (0 = none)
     c.ema_decay = 0.9999  # EMA of the weights, updated every step; used for sampling
     c.seed = 0
+    c.init_from = ""  # a DiT/DyDiT workdir: start from its EMA weights (new routers keep init)
+    # --- DyDiT fine-tuning (used by DyDiT-* models)
+    c.dydit = ml_collections.ConfigDict(
+        dict(
+            lambda_target=0.5,  # target FLOPs ratio
+            hold_steps=100,  # lambda = 1 for these steps, then linear to lambda_target
+            warmup_steps=1000,  # over these steps
+            complete_model_steps=0,  # warm-up stage: also train the complete model (stage 1)
+            stratified_timesteps=True,  # example i draws t from quarter (i mod 4)
+        )
+    )
     # --- parallelism: mesh over ('data', 'fsdp', 'tensor'); -1 = the remaining devices
     c.mesh_shape = (-1, 1, 1)
     # logical parameter axis -> mesh axis (None = replicated); see dydit_jax/parallel.py
@@ -116,6 +127,20 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
             f"config.sample.sampler {config.sample.sampler!r} is not one of {sample_lib.SAMPLERS}"
         )
     diffusion_lib.space_timesteps(config.diffusion_steps, config.sample.steps)
+    if isinstance(model_config, models.DyDiTConfig):
+        dyn = config.dydit
+        if not 0.0 < dyn.lambda_target <= 1.0:
+            raise ValueError(
+                f"config.dydit.lambda_target must be in (0, 1], got {dyn.lambda_target}"
+            )
+        for name in ("hold_steps", "warmup_steps", "complete_model_steps"):
+            if int(dyn[name]) < 0:
+                raise ValueError(f"config.dydit.{name} must be >= 0, got {dyn[name]}")
+    if config.get("init_from") and not os.path.isdir(ckpt_lib.checkpoint_dir(config.init_from)):
+        raise ValueError(
+            f"config.init_from={config.init_from!r} holds no checkpoints/; point it at the "
+            "workdir of a finished run"
+        )
     return model_config
 
 
@@ -230,6 +255,41 @@ def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh) -
     return TrainState(rep, parts.param_shardings, parts.param_shardings, opt)
 
 
+def initial_weights(parts: ModelParts, workdir: str, mesh) -> Any:
+    """parts.params with every parameter that the run in `workdir` has (same name) replaced by
+    its EMA value: a DiT initialises the backbone of a DyDiT; the routers keep their init."""
+    _, meta = ckpt_lib.read_meta(workdir)
+    fields = meta["model_config"]
+    source_class = models.DyDiTConfig if "router_layout" in fields else models.DiTConfig
+    source = build_model(source_class(**fields), mesh, init_params=False)
+    target = {"ema_params": ckpt_lib.abstract_like(source.param_shapes, source.param_shardings)}
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    try:
+        _, items, _ = ckpt.restore(target)
+    finally:
+        ckpt.close()
+    loaded = dict(jax.tree_util.tree_leaves_with_path(items["ema_params"]))
+    used = set()
+
+    def take(path, value):
+        if path not in loaded:
+            return value
+        if loaded[path].shape != value.shape:
+            raise ValueError(
+                f"init_from {workdir}: {jax.tree_util.keystr(path)} has shape "
+                f"{loaded[path].shape} there but {value.shape} here; the backbones differ"
+            )
+        used.add(path)
+        return loaded[path]
+
+    params = jax.tree_util.tree_map_with_path(take, parts.params)
+    unused = [jax.tree_util.keystr(p) for p in loaded if p not in used]
+    if unused:
+        raise ValueError(f"init_from {workdir}: parameters not in this model: {unused[:5]}")
+    logging.info("initialised %d parameter arrays from %s", len(used), workdir)
+    return params
+
+
 def restore_targets(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> dict:
     """Abstract checkpoint items with explicit target shardings for this mesh (the checkpoint
     may come from another mesh or device count)."""
@@ -254,6 +314,55 @@ def init_state(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> Tra
 # ------------------------------------------------------------------------ update step
 
 
+def sample_timesteps(key, batch: int, num_timesteps: int, stratified: bool) -> jax.Array:
+    """Uniform timesteps, or DyDiT's stratified draw: example i gets a uniform timestep from
+    quarter (i mod 4) of the schedule."""
+    if not stratified:
+        return jax.random.randint(key, (batch,), 0, num_timesteps)
+    quarter = num_timesteps // 4
+    return jax.random.randint(key, (batch,), 0, quarter) + quarter * (jnp.arange(batch) % 4)
+
+
+def dydit_loss(model, diffusion, dyn, x0, t, noise, y, step, route_key, y_full):
+    """DyDiT fine-tuning loss: diffusion loss of the dynamic forward + the FLOPs loss
+    2 (mean r - lambda(step))^2, + during the warm-up stage (step < complete_model_steps) the
+    diffusion loss of the complete model (routers bypassed, so they get no gradient from it)."""
+    captured = {}
+
+    def dynamic_fn(x, tt):
+        out, captured["masks"] = model(x, tt, y, key=route_key, return_masks=True)
+        return out
+
+    terms = diffusion.training_losses(dynamic_fn, x0, t, noise)
+    masks = captured["masks"]
+    cfg = model.config
+    ratio = flops.flops_ratio(
+        masks["heads"], masks["groups"], masks["tokens"], cfg.num_tokens, cfg.hidden_size,
+        cfg.mlp_hidden,
+    )
+    lam = flops.lambda_schedule(
+        step, dyn.lambda_target, hold_steps=dyn.hold_steps, warmup_steps=dyn.warmup_steps
+    )
+    flops_term = flops.flops_loss(ratio, lam)
+
+    def complete_term():
+        full = diffusion.training_losses(
+            lambda x, tt: model(x, tt, y_full, complete=True), x0, t, noise
+        )
+        return full["loss"].mean()
+
+    complete = jax.lax.cond(
+        step < dyn.complete_model_steps, complete_term, lambda: jnp.zeros((), jnp.float32)
+    )
+    loss = terms["loss"].mean() + flops_term + complete
+    return loss, {
+        "loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(),
+        "flops_loss": flops_term, "complete_loss": complete, "lambda": lam,
+        "flops_ratio": ratio.mean(), "kept_heads": masks["heads"].mean(),
+        "kept_groups": masks["groups"].mean(), "kept_tokens": masks["tokens"].mean(),
+    }
+
+
 def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, mesh):
     """jit(fn(state, batch) -> (state, metrics)) with explicit shardings and donated state."""
     diffusion = diffusion_lib.create_diffusion(None, config.diffusion_steps)
@@ -262,20 +371,29 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
     ema_decay = config.ema_decay
     buffers = parts.buffers
 
-    def loss_fn(params, x0, y, key):
+    dynamic = isinstance(parts.config, models.DyDiTConfig)
+    dyn = config.get("dydit") if dynamic else None
+    stratified = bool(dyn and dyn.stratified_timesteps)
+
+    def loss_fn(params, x0, y, key, step):
         model = nnx.merge(parts.graphdef, params, buffers)
-        k_t, k_noise, k_drop = jax.random.split(key, 3)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, diffusion.num_timesteps)
+        k_t, k_noise, k_drop, k_route, k_drop_full = jax.random.split(key, 5)
+        t = sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps, stratified)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        y = layers.drop_labels(k_drop, y, config.label_dropout, num_classes)
-        terms = diffusion.training_losses(lambda x, tt: model(x, tt, y), x0, t, noise)
-        loss = terms["loss"].mean()
-        return loss, {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+        y_in = layers.drop_labels(k_drop, y, config.label_dropout, num_classes)
+        if not dynamic:
+            terms = diffusion.training_losses(lambda x, tt: model(x, tt, y_in), x0, t, noise)
+            loss = terms["loss"].mean()
+            return loss, {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+        return dydit_loss(model, diffusion, dyn, x0, t, noise, y_in, step, k_route,
+                          layers.drop_labels(k_drop_full, y, config.label_dropout, num_classes))
 
     def step_fn(state: TrainState, batch: dict):
         key, input_key = jax.random.split(jax.random.fold_in(base_key, state.step))
         x0 = model_inputs(batch, input_key)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x0, batch["label"], key)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(
+            state.params, x0, batch["label"], key, state.step
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(
@@ -387,6 +505,8 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), **items)
         logging.info("resumed from step %d in %s", step, ckpt.directory)
     else:
+        if config.get("init_from"):
+            parts.params = initial_weights(parts, config.init_from, mesh)
         state = init_state(parts, tx, mesh)
     start = int(state.step)
     grids = model_config.in_channels in (1, 3)  # latent grids need the VAE decoder (issue 7)

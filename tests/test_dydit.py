@@ -181,3 +181,28 @@ def test_gumbel_sigmoid_hard_values_and_eval_threshold():
     assert set(np.unique(np.asarray(train)).tolist()) <= {0.0, 1.0}
     # P(on) = sigmoid(logit) for the logistic noise: about 0.05, 0.475, 0.525, 0.95
     np.testing.assert_allclose(np.asarray(train.mean(0)), jax.nn.sigmoid(logits), atol=0.04)
+
+
+def test_finetuning_moves_the_flops_ratio_toward_lambda():
+    from dydit_jax import data as data_lib
+    from dydit_jax import parallel, train_lib
+    from tests.helpers import tiny_config
+
+    config = tiny_config(model="DyDiT-S/2", learning_rate=3e-3, warmup_steps=0)
+    config.model_overrides.update(hidden_size=64, num_heads=4)
+    config.dydit.update(lambda_target=0.5, hold_steps=5, warmup_steps=60)
+    model_config = train_lib.validate_config(config)
+    mesh = parallel.make_mesh(config.mesh_shape)
+    ratios = []
+    with jax.set_mesh(mesh):
+        parts = train_lib.build_model(model_config, mesh, seed=0)
+        tx = train_lib.make_optimizer(config)
+        state = train_lib.init_state(parts, tx, mesh)
+        step = train_lib.make_train_step(parts, tx, config, mesh)
+        batches = data_lib.make_batches(data_lib.load_source(config), global_batch_size=32, seed=0)
+        for i in range(150):
+            state, metrics = step(state, parallel.global_batch(batches[i], mesh))
+            ratios.append(float(metrics["flops_ratio"]))
+    assert ratios[0] > 0.95  # routers start with everything on
+    assert abs(np.mean(ratios[-10:]) - 0.5) < 0.15, ratios[::10]
+    assert float(metrics["lambda"]) == 0.5
