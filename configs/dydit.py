@@ -1,4 +1,4 @@
-r"""DyDiT: fine-tune a trained DiT into a DyDiT at a target FLOPs ratio lambda.
+r"""DyDiT: fine-tune a trained DiT into a DyDiT at a target FLOPs ratio lambda (Zhao et al.).
 
 Digits (CPU, minutes), after the digits DiT demo (configs/digits.py) has trained:
 
@@ -7,28 +7,65 @@ Digits (CPU, minutes), after the digits DiT demo (configs/digits.py) has trained
   python sample.py --workdir=workdirs/dydit_digits --out=workdirs/dydit_digits/samples \
       --num_samples=100
 
-Variants: `digits` (lambda 0.5; `digits,0.7` for another lambda). The paper's ImageNet
-variants (per-size lambda grids and iteration counts) are not here yet.
+ImageNet 256 latents, from a DiT workdir (ours, or a converted reference checkpoint):
+
+  python train.py --config=configs/dydit.py:XL/2,0.5 --workdir=workdirs/dydit_xl2_05 \
+      --config.data_dir=/data/imagenet256_latents --config.init_from=workdirs/dit_xl2
+
+Variants: `digits[,LAMBDA]` (lambda 0.5 by default) and `SIZE/2,LAMBDA` for the paper's grid:
+S and B with lambda in {0.9, 0.8, 0.7, 0.5, 0.4, 0.3}, XL with {0.7, 0.6, 0.5, 0.3}.
+Iterations: S 50k, B 100k, XL 150k (lambda 0.7) or 200k, of which XL spends 30k in the
+complete-model warm-up stage; lr 1e-4 (XL at 0.7: 2.5e-5 with gradient clipping at 50);
+batch 256, EMA 0.9999, float32 (specs/DYDIT.md). Launch commands for several GPUs, hosts and
+TPU pods are those of configs/dit.py.
 """
 
 import ml_collections
 
 from configs.digits import get_config as digits_config
+from configs.dit import get_config as dit_config
+
+LAMBDAS = {"S": (0.9, 0.8, 0.7, 0.5, 0.4, 0.3), "B": (0.9, 0.8, 0.7, 0.5, 0.4, 0.3),
+           "XL": (0.7, 0.6, 0.5, 0.3)}
+ITERATIONS = {"S": 50_000, "B": 100_000, "XL": 200_000}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name, *rest = (arg or "digits").split(",")
-    if name != "digits":
-        raise ValueError(f"unknown DyDiT variant {arg!r}; available: digits[,LAMBDA]")
+    try:
+        lam = float(rest[0]) if rest else 0.5
+    except ValueError as err:
+        raise ValueError(f"bad lambda in DyDiT variant {arg!r}") from err
+    if name == "digits":
+        return _digits(lam)
+    size = name.split("/")[0]
+    if size not in LAMBDAS or name != f"{size}/2" or lam not in LAMBDAS[size]:
+        grid = "; ".join(f"{s}/2 with {', '.join(map(str, v))}" for s, v in LAMBDAS.items())
+        raise ValueError(f"unknown DyDiT variant {arg!r}; use digits[,LAMBDA] or {grid}")
+    config = dit_config(name)
+    config.model = f"DyDiT-{name}"
+    config.model_overrides.update(dtype="float32", scan_blocks=False)  # the paper's fp32; loop
+    config.dydit.lambda_target = lam
+    config.num_steps = ITERATIONS[size]
+    if size == "XL":
+        config.dydit.complete_model_steps = 30_000
+        if lam == 0.7:
+            config.num_steps = 150_000
+            config.learning_rate = 2.5e-5
+            config.grad_clip_norm = 50.0
+    return config
+
+
+def _digits(lam: float) -> ml_collections.ConfigDict:
+    if not 0 < lam <= 1:
+        raise ValueError(f"lambda must be in (0, 1], got {lam}")
     config = digits_config()
     config.model = "DyDiT-S/2"  # the digits DiT backbone (same model_overrides) plus routers
     config.init_from = "workdirs/digits"
-    config.dydit.lambda_target = float(rest[0]) if rest else 0.5
+    config.dydit.lambda_target = lam
     config.dydit.hold_steps = 50
     config.dydit.warmup_steps = 250
     config.num_steps = 600
-    config.learning_rate = 1e-3
-    config.warmup_steps = 0
     config.checkpoint_every_steps = 300
     config.sample_every_steps = 300
     return config

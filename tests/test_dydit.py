@@ -206,3 +206,23 @@ def test_finetuning_moves_the_flops_ratio_toward_lambda():
     assert ratios[0] > 0.95  # routers start with everything on
     assert abs(np.mean(ratios[-10:]) - 0.5) < 0.15, ratios[::10]
     assert float(metrics["lambda"]) == 0.5
+
+
+def test_dydit_configs_cover_the_paper_grid():
+    from configs.dydit import LAMBDAS, get_config
+    from dydit_jax import train_lib
+
+    for size, lambdas in LAMBDAS.items():
+        for lam in lambdas:
+            config = get_config(f"{size}/2,{lam}")
+            config.init_from = ""
+            model_config = train_lib.validate_config(config)
+            assert config.model == f"DyDiT-{size}/2" and config.dydit.lambda_target == lam
+            assert model_config.num_classes == 1000 and model_config.input_size == 32
+    xl = get_config("XL/2,0.7")
+    assert (xl.num_steps, xl.learning_rate, xl.grad_clip_norm) == (150_000, 2.5e-5, 50.0)
+    assert xl.dydit.complete_model_steps == 30_000
+    assert get_config("B/2,0.5").num_steps == 100_000
+    for bad in ("XL/2,0.9", "L/2,0.5", "digits,x", "digits,1.5"):
+        with pytest.raises(ValueError):
+            get_config(bad)
