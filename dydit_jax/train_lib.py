@@ -363,6 +363,27 @@ def dydit_loss(model, diffusion, dyn, x0, t, noise, y, step, route_key, y_full):
     }
 
 
+def eval_flops_ratio(parts: ModelParts, params, x0, labels, num_timesteps: int = 10) -> float:
+    """FLOPs ratio of a DyDiT's evaluation masks (logits > 0), averaged over `num_timesteps`
+    timesteps spread over 0..999 and over the examples x0 (noised to each timestep)."""
+    diffusion = diffusion_lib.create_diffusion(None)
+    cfg = parts.config
+
+    @jax.jit
+    def ratio_at(params, t):
+        model = nnx.merge(parts.graphdef, params, parts.buffers)
+        tt = jnp.full((x0.shape[0],), t, jnp.int32)
+        x_t = diffusion.q_sample(x0, tt, jax.random.normal(jax.random.key(0), x0.shape))
+        _, masks = model(x_t, tt, labels, return_masks=True)
+        return flops.flops_ratio(
+            masks["heads"], masks["groups"], masks["tokens"], cfg.num_tokens,
+            cfg.hidden_size, cfg.mlp_hidden,
+        ).mean()
+
+    ts = np.linspace(0, diffusion.num_timesteps - 1, num_timesteps).round().astype(np.int32)
+    return float(np.mean([ratio_at(params, t) for t in ts]))
+
+
 def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, mesh):
     """jit(fn(state, batch) -> (state, metrics)) with explicit shardings and donated state."""
     diffusion = diffusion_lib.create_diffusion(None, config.diffusion_steps)
@@ -543,8 +564,13 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
             pending, t_last, step_last = [], time.perf_counter(), done
         if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
             ckpt.save(done, _items(state), run_meta(config, model_config, done))
-        if grids and (done % config.sample_every_steps == 0 or done == config.num_steps):
-            _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
+        if done % config.sample_every_steps == 0 or done == config.num_steps:
+            if grids:
+                _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
+            if isinstance(model_config, models.DyDiTConfig):
+                x0 = model_inputs(batch, jax.random.key(0))
+                ratio = eval_flops_ratio(parts, state.ema_params, x0, batch["label"])
+                writer.write_scalars(done, {"eval_flops_ratio": ratio})
             t_last = time.perf_counter()  # do not count sampling in steps/s
     preemption.close()
     ckpt.close()  # waits for the async saves; their errors surface here

@@ -203,6 +203,9 @@ def test_finetuning_moves_the_flops_ratio_toward_lambda():
         for i in range(150):
             state, metrics = step(state, parallel.global_batch(batches[i], mesh))
             ratios.append(float(metrics["flops_ratio"]))
+        batch = parallel.global_batch(batches[0], mesh)
+        evaluated = train_lib.eval_flops_ratio(parts, state.params, batch["image"], batch["label"])
+    assert 0.2 < evaluated < 0.9, evaluated  # the hard eval masks also cut computation
     assert ratios[0] > 0.95  # routers start with everything on
     assert abs(np.mean(ratios[-10:]) - 0.5) < 0.15, ratios[::10]
     assert float(metrics["lambda"]) == 0.5

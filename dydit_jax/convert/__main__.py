@@ -1,0 +1,62 @@
+"""python -m dydit_jax.convert {dit,dydit} --src FILE --dst DIR [--arch NAME]
+
+Converts a reference PyTorch checkpoint (.pt/.pth needs torch; .safetensors; .npz) into a
+workdir that sample.py reads and train.py starts from (`--config.init_from=DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dydit_jax import convert
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dydit_jax.convert", description=__doc__.split("\n\n")[1]
+    )
+    parser.add_argument("kind", choices=sorted(convert.KINDS), help="model family of --src")
+    parser.add_argument("--src", required=True, help="reference checkpoint file")
+    parser.add_argument("--dst", required=True, help="workdir to create (must hold no checkpoints/)")
+    parser.add_argument(
+        "--arch", default=None,
+        help="registry name, e.g. DiT-XL/2 (default: inferred from the shapes)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if os.path.exists(os.path.join(os.path.abspath(args.dst), "checkpoints")):
+            raise ValueError(f"{args.dst} already holds checkpoints/; pick a new --dst")
+        state_dict = convert.load_state_dict(args.src)
+        name, _ = convert.infer_config(args.kind, state_dict, args.arch)
+        config, params = convert.state_dict_to_params(args.kind, state_dict, args.arch)
+        convert.write_workdir(
+            args.dst, config, params, model_name=name, image_size=config.input_size,
+            num_classes=config.num_classes,
+        )
+    except (ValueError, OSError, ImportError, KeyError) as e:
+        msg = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    count = sum(v.size for v in convert._flatten(params).values())
+    layout = getattr(config, "router_layout", None)
+    print(
+        f"wrote {args.dst}: {name} ({count / 1e6:.1f}M parameters, input {config.input_size}, "
+        f"{config.in_channels} channels, {config.num_classes} classes"
+        + (f", router layout {layout}" if layout else "")
+        + ") as step 0 params and ema_params"
+    )
+    print(
+        f"sample: python sample.py --workdir={args.dst} --out=OUT; "
+        f"fine-tune: python train.py ... --config.init_from={args.dst}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
