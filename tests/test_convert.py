@@ -86,7 +86,8 @@ def reference_shapes(kind, size, patch, latent, classes=1000, router_logits=None
     }
     for i in range(depth):
         s |= {
-            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.mlp.fc1.weight": (4 * d, d),
+            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.proj.weight": (d, d),
+            f"blocks.{i}.mlp.fc1.weight": (4 * d, d),
             f"blocks.{i}.mlp.fc2.weight": (d, 4 * d),
             f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d),
         }
@@ -98,6 +99,9 @@ def reference_shapes(kind, size, patch, latent, classes=1000, router_logits=None
                 f"blocks.{i}.token_selection.mlp_head.0.weight": (d // 16, d),
                 f"blocks.{i}.token_selection.mlp_head.2.weight": (1, d // 16),
             }
+    for key, shape in list(s.items()):  # every linear and the conv have a bias
+        if key.endswith(".weight") and "embedding_table" not in key:
+            s[key[: -len("weight")] + "bias"] = (shape[0],)
     return s
 
 
@@ -150,7 +154,9 @@ def test_dydit_router_layout_detected_and_values_placed(layout):
     assert config.router_layout == layout and config == model.config
     block = converted["blocks"][1]
     np.testing.assert_array_equal(block["attn_rate"]["bias"], sd["blocks.1.attn_rate.router.bias"])
-    np.testing.assert_array_equal(block["mlp_rate"]["kernel"], sd["blocks.1.mlp_rate.router.weight"].T)
+    np.testing.assert_array_equal(
+        block["mlp_rate"]["kernel"], sd["blocks.1.mlp_rate.router.weight"].T
+    )
     np.testing.assert_array_equal(
         block["token_fc2"]["kernel"], sd["blocks.1.token_selection.mlp_head.2.weight"].T
     )
@@ -184,6 +190,8 @@ def test_router_size_fitting_no_layout_is_refused():
 )
 def test_arch_inferred_from_shapes(kind, size, patch, latent, k, name, layout):
     shapes = reference_shapes(kind, size, patch, latent, router_logits=k)
+    if (kind, size) == ("dit", "XL"):
+        assert len(shapes) == 292  # specs/DIT.md
     got, config = convert.infer_config(kind, shapes)
     assert got == name
     assert (config.input_size, config.patch_size, config.in_channels) == (latent, patch, 4)
@@ -279,6 +287,27 @@ def test_pt_file_without_torch_is_a_clear_error(tmp_path):
         convert.load_state_dict(str(tmp_path / "w.pt"))
 
 
+def test_pt_files_as_the_reference_trainer_writes_them(tmp_path):
+    """torch.save of the reference trainer's dict ({"model", "ema", "opt", "args"}, bf16 and
+    fp32 tensors) converts to the same parameters (skipped where torch is not installed)."""
+    torch = pytest.importorskip("torch")
+    import argparse
+
+    _, params, sd, arch = tiny("dydit")
+    ema = {k: torch.from_numpy(v) for k, v in sd.items()}
+    junk = {k: torch.zeros_like(v) for k, v in ema.items()}
+    torch.save({"model": junk, "ema": ema, "opt": {}, "args": argparse.Namespace(a=1)},
+               tmp_path / "ckpt.pt")
+    loaded = convert.load_state_dict(str(tmp_path / "ckpt.pt"))
+    _, converted = convert.state_dict_to_params("dydit", loaded, arch, overrides=TINY)
+    assert_trees_equal(converted, params)
+    torch.save({k: v.to(torch.bfloat16) for k, v in ema.items()}, tmp_path / "bf16.pt")
+    half = convert.load_state_dict(str(tmp_path / "bf16.pt"))
+    assert half["blocks.0.attn.qkv.weight"].dtype == np.float32
+    np.testing.assert_allclose(half["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"],
+                               rtol=1e-2, atol=1e-2)
+
+
 # ----------------------------------------------------------------------------- workdir
 
 
@@ -335,9 +364,6 @@ def test_cli_converts_a_registry_model(tmp_path):
     shapes = reference_shapes("dit", "S", 8, 8, classes=10)
     rng = np.random.default_rng(0)
     sd = {k: rng.normal(0, 0.02, s).astype(np.float32) for k, s in shapes.items()}
-    for key, shape in list(shapes.items()):  # biases of every linear / conv
-        if key.endswith(".weight") and "embedding_table" not in key:
-            sd[key[: -len("weight")] + "bias"] = np.zeros(shape[0], np.float32)
     sd["pos_embed"] = layers.sincos_2d(384, 1)[None].astype(np.float32)
     src = tmp_path / "s8.safetensors"
     write_safetensors(src, sd)

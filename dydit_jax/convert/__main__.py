@@ -19,7 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("kind", choices=sorted(convert.KINDS), help="model family of --src")
     parser.add_argument("--src", required=True, help="reference checkpoint file")
-    parser.add_argument("--dst", required=True, help="workdir to create (must hold no checkpoints/)")
+    parser.add_argument(
+        "--dst", required=True, help="workdir to create (must hold no checkpoints/)"
+    )
     parser.add_argument(
         "--arch", default=None,
         help="registry name, e.g. DiT-XL/2 (default: inferred from the shapes)",
