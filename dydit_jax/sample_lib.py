@@ -28,12 +28,8 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 def make_batch_sampler(
-    graphdef: Any,
-    buffers: Any,
-    param_shardings: Any,
-    image_shape: tuple[int, int, int],
+    parts: Any,
     *,
-    num_classes: int,
     mesh,
     sampling_steps: str = "250",
     sampler: str = "ddpm",
@@ -41,14 +37,20 @@ def make_batch_sampler(
     guided_channels: int | None = None,
     eta: float = 0.0,
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
-    """A jitted fn(params, key, indices, labels) -> float32 samples (B, H, W, C), model space.
+    """A jitted fn(params, key, indices, labels) -> float32 samples (B, H, W, C), model space,
+    for a model split as `train_lib.ModelParts` (graphdef, buffers, shardings, config).
 
     Row r is image number indices[r] of the run: its noise comes from fold_in(key, indices[r]).
 
     `cfg_scale` 1.0 samples without guidance; otherwise the batch is doubled as [z; z] with
     labels [y; null] and the first half is returned (reference behaviour). `guided_channels`
-    None guides every eps channel; 3 reproduces the reference's 3-of-4-channel quirk.
+    None or -1 guides every eps channel; 3 reproduces the reference's 3-of-4-channel quirk.
     """
+    graphdef, buffers, config = parts.graphdef, parts.buffers, parts.config
+    image_shape = (config.input_size, config.input_size, config.in_channels)
+    num_classes = config.num_classes
+    if guided_channels is not None and guided_channels < 0:
+        guided_channels = None
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     diffusion = diffusion_lib.create_diffusion(sampling_steps)
@@ -77,7 +79,7 @@ def make_batch_sampler(
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
     return jax.jit(
-        sample, in_shardings=(param_shardings, rep, rows, rows), out_shardings=rows
+        sample, in_shardings=(parts.param_shardings, rep, rows, rows), out_shardings=rows
     )
 
 
@@ -245,16 +247,8 @@ def sample_from_workdir(
         finally:
             ckpt.close()
         batch_sampler = make_batch_sampler(
-            parts.graphdef,
-            parts.buffers,
-            parts.param_shardings,
-            (model_config.input_size, model_config.input_size, model_config.in_channels),
-            num_classes=model_config.num_classes,
-            mesh=mesh,
-            sampling_steps=sampling_steps,
-            sampler=sampler,
-            cfg_scale=cfg_scale,
-            guided_channels=train_lib.guided_channels(guided_channels),
+            parts, mesh=mesh, sampling_steps=sampling_steps, sampler=sampler,
+            cfg_scale=cfg_scale, guided_channels=guided_channels,
         )
         images = to_uint8(
             generate(

@@ -144,11 +144,6 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     return model_config
 
 
-def guided_channels(value: int) -> int | None:
-    """Config convention: -1 guides every eps channel, 3 is the reference ImageNet quirk."""
-    return None if value is None or int(value) < 0 else int(value)
-
-
 # ------------------------------------------------------------------------------ state
 
 
@@ -609,18 +604,9 @@ def _items(state: TrainState) -> dict:
 
 
 def _make_grid_sampler(parts: ModelParts, config, mesh):
-    mc = parts.config
     return sample_lib.make_batch_sampler(
-        parts.graphdef,
-        parts.buffers,
-        parts.param_shardings,
-        (mc.input_size, mc.input_size, mc.in_channels),
-        num_classes=mc.num_classes,
-        mesh=mesh,
-        sampling_steps=config.sample.steps,
-        sampler=config.sample.sampler,
-        cfg_scale=config.sample.cfg_scale,
-        guided_channels=guided_channels(config.sample.guided_channels),
+        parts, mesh=mesh, sampling_steps=config.sample.steps, sampler=config.sample.sampler,
+        cfg_scale=config.sample.cfg_scale, guided_channels=config.sample.guided_channels,
     )
 
 

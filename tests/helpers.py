@@ -27,3 +27,23 @@ def run_entry_point(script, *args, timeout=300):
         [sys.executable, os.path.join(REPO, script), *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
     )
+
+
+class CountingSource:
+    """Delegates to a data source and records every example index that is read."""
+
+    def __init__(self, source):
+        self.source, self.seen = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.seen.append(int(index))
+        return self.source[index]
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)

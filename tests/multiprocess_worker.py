@@ -19,26 +19,7 @@ import numpy as np  # noqa: E402
 
 from dydit_jax import data as data_lib  # noqa: E402
 from dydit_jax import train_lib  # noqa: E402
-
-
-class CountingSource:
-    """Delegates to a source and records every example index it is asked for."""
-
-    def __init__(self, source):
-        self.source, self.seen = source, []
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        self.seen.append(int(index))
-        return self.source[index]
-
-    def __getitems__(self, indices):
-        return [self[i] for i in indices]
-
-    def __getattr__(self, name):
-        return getattr(self.source, name)
+from tests.helpers import CountingSource  # noqa: E402
 
 
 def main(config_json: str, out_dir: str) -> None:

@@ -17,6 +17,7 @@ from dydit_jax.data import (
     sample_from_moments,
     write_latent_shards,
 )
+from tests.helpers import CountingSource
 
 N, H, W, C = 37, 4, 4, 4
 
@@ -133,24 +134,10 @@ def test_process_rows_concatenate_to_the_global_batch(moments_dir, process_count
             np.testing.assert_array_equal(joined, whole[step][key])
 
 
-class _CountingSource:
-    """Records every index read through __getitem__."""
-
-    def __init__(self, source):
-        self.source, self.seen = source, []
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        self.seen.append(int(index))
-        return self.source[index]
-
-
 def test_each_process_reads_only_its_rows():
     source = ArraySource(np.arange(20, dtype=np.float32)[:, None], np.arange(20) % 3)
     whole = make_batches(source, global_batch_size=8, seed=1, process_index=0, process_count=1)
-    counting = _CountingSource(source)
+    counting = CountingSource(source)
     mine = make_batches(counting, global_batch_size=8, seed=1, process_index=1, process_count=2)
     for step in range(6):
         counting.seen.clear()
