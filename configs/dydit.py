@@ -65,7 +65,7 @@ def _digits(lam: float) -> ml_collections.ConfigDict:
     config.dydit.lambda_target = lam
     config.dydit.hold_steps = 50
     config.dydit.warmup_steps = 250
-    config.num_steps = 600
-    config.checkpoint_every_steps = 300
-    config.sample_every_steps = 300
+    config.num_steps = 1500  # long enough for the hard eval masks to reach lambda too
+    config.checkpoint_every_steps = 750
+    config.sample_every_steps = 750
     return config
