@@ -234,25 +234,16 @@ def sample_from_workdir(
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
 
     mesh = parallel.make_mesh(config.mesh_shape)
+    item = "ema_params" if use_ema else "params"
     with jax.set_mesh(mesh):
-        # structure and shardings only: the weights come from the checkpoint
-        parts = train_lib.build_model(
-            model_config, mesh, rules=config.get("sharding_rules"), init_params=False
-        )
-        item = "ema_params" if use_ema else "params"
-        target = {item: ckpt_lib.abstract_like(parts.param_shapes, parts.param_shardings)}
-        ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-        try:
-            _, restored, _ = ckpt.restore(target, step)
-        finally:
-            ckpt.close()
+        _, _, parts, weights = train_lib.restore_weights(workdir, mesh, item=item, step=step)
         batch_sampler = make_batch_sampler(
             parts, mesh=mesh, sampling_steps=sampling_steps, sampler=sampler,
             cfg_scale=cfg_scale, guided_channels=guided_channels,
         )
         images = to_uint8(
             generate(
-                batch_sampler, restored[item], label_array, batch_size=batch_size, seed=seed,
+                batch_sampler, weights, label_array, batch_size=batch_size, seed=seed,
                 mesh=mesh, progress=progress,
             )
         )

@@ -136,11 +136,6 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
         for name in ("hold_steps", "warmup_steps", "complete_model_steps"):
             if int(dyn[name]) < 0:
                 raise ValueError(f"config.dydit.{name} must be >= 0, got {dyn[name]}")
-    if config.get("init_from") and not os.path.isdir(ckpt_lib.checkpoint_dir(config.init_from)):
-        raise ValueError(
-            f"config.init_from={config.init_from!r} holds no checkpoints/; point it at the "
-            "workdir of a finished run"
-        )
     return model_config
 
 
@@ -250,20 +245,30 @@ def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh) -
     return TrainState(rep, parts.param_shardings, parts.param_shardings, opt)
 
 
+def restore_weights(
+    workdir: str, mesh, *, item: str = "ema_params", step: int | None = None
+) -> tuple[int, ml_collections.ConfigDict, ModelParts, Any]:
+    """(step, run config, model parts, weights) of one weights item ("ema_params" or "params")
+    of a workdir's checkpoint, restored straight into this mesh's shardings."""
+    step, meta = ckpt_lib.read_meta(workdir, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    parts = build_model(
+        model_config_from(config), mesh, rules=config.get("sharding_rules"), init_params=False
+    )
+    target = {item: ckpt_lib.abstract_like(parts.param_shapes, parts.param_shardings)}
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    try:
+        _, restored, _ = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    return step, config, parts, restored[item]
+
+
 def initial_weights(parts: ModelParts, workdir: str, mesh) -> Any:
     """parts.params with every parameter that the run in `workdir` has (same name) replaced by
     its EMA value: a DiT initialises the backbone of a DyDiT; the routers keep their init."""
-    _, meta = ckpt_lib.read_meta(workdir)
-    fields = meta["model_config"]
-    source_class = models.DyDiTConfig if "router_layout" in fields else models.DiTConfig
-    source = build_model(source_class(**fields), mesh, init_params=False)
-    target = {"ema_params": ckpt_lib.abstract_like(source.param_shapes, source.param_shardings)}
-    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-    try:
-        _, items, _ = ckpt.restore(target)
-    finally:
-        ckpt.close()
-    loaded = dict(jax.tree_util.tree_leaves_with_path(items["ema_params"]))
+    _, _, _, source = restore_weights(workdir, mesh)
+    loaded = dict(jax.tree_util.tree_leaves_with_path(source))
     used = set()
 
     def take(path, value):
@@ -482,6 +487,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     expected = (model_config.input_size, model_config.input_size, model_config.in_channels)
     if data_shape != expected:
         raise ValueError(f"the data is {data_shape} per example but the model expects {expected}")
+    fresh_start = not os.path.isdir(ckpt_lib.checkpoint_dir(workdir))
+    if fresh_start and config.get("init_from"):
+        if not os.path.isdir(ckpt_lib.checkpoint_dir(config.init_from)):
+            raise ValueError(
+                f"config.init_from={config.init_from!r} holds no checkpoints/; point it at the "
+                "workdir of a finished run"
+            )
     mesh = parallel.make_mesh(config.mesh_shape)
     ways = parallel.batch_size_per_step(mesh)
     if config.global_batch_size % ways:

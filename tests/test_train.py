@@ -96,6 +96,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         ({"sample.steps": "ddim7x"}, "ddim7x"),
         ({"ema_decay": 1.5}, "ema_decay"),
         ({"dataset": "cifar"}, "unknown dataset"),
+        ({"init_from": "/nonexistent/dit_run"}, "holds no checkpoints"),
     ],
 )
 def test_bad_config_fails_before_writing(tmp_path, overrides, message):
