@@ -229,3 +229,9 @@ def test_dydit_configs_cover_the_paper_grid():
     for bad in ("XL/2,0.9", "L/2,0.5", "digits,x", "digits,1.5"):
         with pytest.raises(ValueError):
             get_config(bad)
+
+
+@pytest.mark.parametrize("option", [{"scan_blocks": True}, {"remat": "full"}])
+def test_dydit_refuses_switches_its_loop_does_not_apply(option):
+    with pytest.raises(ValueError, match="scan_blocks=False and remat='none'"):
+        make("DyDiT-S/2", **option)

@@ -43,8 +43,11 @@ class DyDiTConfig(DiTConfig):
             raise ValueError(
                 f"MLP width {self.mlp_hidden} is not divisible into {self.num_heads} groups"
             )
-        if self.scan_blocks:
-            raise ValueError("DyDiT runs its blocks in a loop; set scan_blocks=False")
+        if self.scan_blocks or self.remat != "none":
+            raise ValueError(
+                "DyDiT runs its own block loop without scan or remat; set scan_blocks=False "
+                "and remat='none'"
+            )
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
 
