@@ -24,6 +24,15 @@ flags.DEFINE_string("labels", None, "'balanced' (default), 'random', or ids like
 flags.DEFINE_integer("batch_size", None, "Images per compiled batch (default: config).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (else the raw training weights).")
+flags.DEFINE_bool(
+    "dynamic", None,
+    "DyDiT: run the inference engine (default: config, on); --nodynamic = the masked model.",
+)
+flags.DEFINE_string(
+    "token_capacity", None,
+    "DyDiT engine: tokens per sample and layer through the MLP: calibrate | all | 0.75 | 192.",
+)
+flags.DEFINE_integer("width_multiple", None, "DyDiT engine: round head/group counts up to this.")
 flags.mark_flags_as_required(["workdir", "out"])
 FLAGS = flags.FLAGS
 
@@ -47,10 +56,22 @@ def main(argv):
             batch_size=FLAGS.batch_size,
             use_ema=FLAGS.ema,
             step=FLAGS.step,
+            dynamic=FLAGS.dynamic,
+            token_capacity=FLAGS.token_capacity,
+            width_multiple=FLAGS.width_multiple,
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     logging.info("wrote %s", summary)
+    if summary["dynamic"]:
+        r = summary["dynamic"]
+        print(
+            f"DyDiT engine: FLOPs ratio {r['achieved_flops_ratio']:.3f} achieved "
+            f"(width plan {r['plan_flops_ratio']:.3f}, executed with padding "
+            f"{r['executed_flops_ratio']:.3f}); {r['signatures']} block shapes compiled in "
+            f"{r['compile_seconds']:.1f} s; {r['tokens_overflow']} of {r['tokens_selected']} "
+            "selected tokens dropped for capacity"
+        )
     print(f"wrote {summary['num_samples']} samples to {summary['out']} (step {summary['step']})")
 
 

@@ -197,9 +197,7 @@ def flops_ratio(
         raise ValueError(
             f"head masks {head.shape} and group masks {group.shape} disagree on (batch, layers)"
         )
-    attn, mlp = block_costs(num_tokens, hidden, mlp_hidden)
-    attn_frac = attn / (attn + mlp)  # normalise in Python: no 1e9-sized numbers in float32
-    mlp_use = jnp.mean(group, axis=-1)
+    token_frac = 1.0
     if token_masks is not None:
         tok = _as_float(token_masks)
         if tok.ndim != 3 or tok.shape[:2] != head.shape[:2] or tok.shape[2] != num_tokens:
@@ -207,9 +205,22 @@ def flops_ratio(
                 f"token masks must be (batch, layers, num_tokens) = "
                 f"{(*head.shape[:2], num_tokens)}, got {tok.shape}"
             )
-        mlp_use = mlp_use * jnp.mean(tok, axis=-1)
-    per_layer = attn_frac * jnp.mean(head, axis=-1) + (1.0 - attn_frac) * mlp_use
-    return jnp.mean(per_layer, axis=-1)
+        token_frac = jnp.mean(tok, axis=-1)
+    return fraction_ratio(
+        jnp.mean(head, axis=-1), jnp.mean(group, axis=-1), token_frac, num_tokens, hidden,
+        mlp_hidden,
+    )
+
+
+def fraction_ratio(
+    head_frac, group_frac, token_frac, num_tokens: int, hidden: int, mlp_hidden: int | None = None
+):
+    """``flops_ratio`` from per-layer fractions (..., L): heads on, MLP groups on, tokens
+    through the MLP (a scalar 1.0 for all). Numpy in, numpy out; jax in, jax out."""
+    attn, mlp = block_costs(num_tokens, hidden, mlp_hidden)
+    attn_frac = attn / (attn + mlp)  # normalise in Python: no 1e9-sized numbers in float32
+    per_layer = attn_frac * head_frac + (1.0 - attn_frac) * group_frac * token_frac
+    return per_layer.mean(axis=-1)
 
 
 def flops_loss(ratio, lambda_target) -> jnp.ndarray:
@@ -250,7 +261,140 @@ __all__ = [
     "dynamic_macs",
     "flops_loss",
     "flops_ratio",
+    "fraction_ratio",
     "lambda_schedule",
     "routed_block_macs",
     "router_macs",
 ]
+
+
+# =============================================================================================
+# U-DiT (specs/UDIT.md)
+# =============================================================================================
+#
+# Counting convention (``udit_macs``): that of torchprofile's ``profile_macs`` (the counter
+# the U-DiT release imports), at batch 1:
+#
+# - one MAC per multiply-add of every Linear / Conv / matmul (biases free): stem conv, the
+#   three timestep MLPs, the blocks' adaLN linears (per sample), depthwise convs, qkv, q k^T,
+#   attn @ v, to_out, the FFN's 1x1 convs and depthwise convs, the down/up convs, the two
+#   1x1 reductions, the output conv, the final adaLN and conv;
+# - one operation per output element of every elementwise multiplication: adaLN modulate
+#   (``x * (1 + scale)``, 2 per sub-layer and 1 in the final layer) and gate (2 per sub-layer)
+#   of N w elements each, the attention logits times their scale (``H N^2 / 4`` per
+#   sub-layer: 4 groups of (N/4)^2 logits per head; both the cosine and the vanilla form
+#   scale them), the RoPE2D rotation of q and k as one complex product per channel pair
+#   (``N w`` per sub-layer), and the timestep sinusoid (2 x 128 per embedder);
+# - free: layer norms without affine, softmax, GELU/SiLU, adds, divisions (F.normalize),
+#   exp, the label tables and the pixel (un)shuffles.
+#
+# This reproduces every U-DiT number of the paper at 256px: fused 6.04 / 22.22 / 85.00,
+# training form 7.15 / 26.56 / 102.12, vanilla 5.91 / 21.96 / 84.48 (S / B / L), and U-DiT-B
+# 106.7 at 512px. Matmuls and convs alone fall short (fused L 84.91, B 22.18); charging the
+# layer norms at 4 ops per element instead of the multiplications (the DyDiT convention)
+# gives fused L 84.99 and vanilla B 21.97, so that is not it.
+
+# elementwise multiplies per sub-layer, in units of N w: 2 modulate + 2 gate
+UDIT_MULS_PER_SUBLAYER = 4
+
+
+def udit_macs_breakdown(config) -> dict[str, int]:
+    """Multiply-adds (and elementwise multiplies) of one U-DiT forward at batch 1, by part.
+
+    Keys: stem, t_embedder, adaln (blocks), modulate_gate (blocks' elementwise), downsampler
+    (the attention's depthwise conv), attn_qkv, attn_rope, attn_scores, attn_logit_scale,
+    attn_values, attn_out, ffn_linear, ffn_dwconv, resample (down/up convs), reduce,
+    output_conv, final_adaln, final_modulate, final_conv. The values sum to
+    ``udit_macs(config)``. The FFN is counted in the form the config builds: training form,
+    ``fused`` or ``vanilla``."""
+    c, s = config.hidden_size, config.input_size
+    heads = config.num_heads
+    parts = dict.fromkeys(
+        (
+            "stem", "t_embedder", "adaln", "modulate_gate", "downsampler", "attn_qkv",
+            "attn_rope", "attn_scores", "attn_logit_scale", "attn_values", "attn_out",
+            "ffn_linear", "ffn_dwconv", "resample", "reduce", "output_conv", "final_adaln",
+            "final_modulate", "final_conv",
+        ),
+        0,
+    )
+    parts["stem"] = s * s * config.in_channels * 9 * c
+    parts["t_embedder"] = sum(
+        TIMESTEP_FREQ_DIM * w + w * w + TIMESTEP_FREQ_DIM for w in config.widths
+    )
+    for (_, w, side, _), depth in zip(config.stages(), config.stage_depths(), strict=True):
+        n, layers_ = side * side, 2 * depth  # two sub-layers per block
+        h = config.mlp_hidden(w)
+        parts["adaln"] += layers_ * 6 * w * w
+        parts["modulate_gate"] += layers_ * UDIT_MULS_PER_SUBLAYER * n * w
+        parts["downsampler"] += layers_ * 25 * n * w
+        parts["attn_qkv"] += layers_ * 3 * n * w * w
+        if not config.vanilla:
+            parts["attn_rope"] += layers_ * n * w  # q and k: n w / 2 complex products each
+        group = n // 4
+        parts["attn_scores"] += layers_ * 4 * group * group * w
+        parts["attn_logit_scale"] += layers_ * 4 * heads * group * group
+        parts["attn_values"] += layers_ * 4 * group * group * w
+        parts["attn_out"] += layers_ * n * w * w
+        if config.vanilla or config.fused:
+            parts["ffn_linear"] += layers_ * 2 * n * w * h
+        else:
+            mid = h // 2
+            parts["ffn_linear"] += layers_ * n * (w * mid + mid * h + h * mid + mid * w)
+        if config.fused:
+            parts["ffn_dwconv"] += layers_ * 25 * n * h
+        elif not config.vanilla:
+            parts["ffn_dwconv"] += layers_ * (25 + 9 + 1) * n * h
+    half, quarter = (s // 2) ** 2, (s // 4) ** 2
+    parts["resample"] = 9 * (
+        s * s * c * (c // 2)  # down1_2 at full resolution
+        + half * 2 * c * c  # down2_3
+        + quarter * 4 * c * 8 * c  # up3_2
+        + half * 2 * c * 4 * c  # up2_1
+    )
+    parts["reduce"] = half * 4 * c * 2 * c + s * s * 2 * c * 2 * c
+    parts["output_conv"] = s * s * 9 * (2 * c) ** 2
+    parts["final_adaln"] = 2 * c * 4 * c
+    parts["final_modulate"] = s * s * 2 * c
+    parts["final_conv"] = s * s * 9 * 2 * c * config.out_channels
+    return parts
+
+
+def udit_macs(config) -> float:
+    """MACs of one U-DiT forward at batch 1 in the paper's convention (see the U-DiT section
+    above); divide by 1e9 for its GFLOPs."""
+    return float(sum(udit_macs_breakdown(config).values()))
+
+
+def udit_param_count(config) -> int:
+    """Analytic parameter count of a U-DiT config, from the reference layout (specs/UDIT.md):
+    training form 58.90M / 231.25M / 916.34M, fused 52.05M / 204.43M / 810.19M (S / B / L)."""
+    c, heads, out = config.hidden_size, config.num_heads, config.out_channels
+    lin = lambda i, o: i * o + o
+    total = 9 * config.in_channels * c + c  # stem
+    for w in config.widths:
+        total += lin(TIMESTEP_FREQ_DIM, w) + lin(w, w) + (config.num_classes + 1) * w
+
+    def sublayer(w: int) -> int:
+        h = config.mlp_hidden(w)
+        n = lin(w, 6 * w) + 25 * w + w + lin(w, 3 * w) + lin(w, w)  # adaLN, dw, qkv, to_out
+        if not config.vanilla:
+            n += heads  # logit_scale
+        if config.vanilla:
+            return n + lin(w, h) + lin(h, w)
+        if config.fused:
+            return n + lin(w, h) + 25 * h + h + lin(h, w)
+        mid = h // 2
+        dw = sum(k * k * h + h for k in (5, 3, 1))
+        return n + lin(w, mid) + lin(mid, h) + dw + lin(h, mid) + lin(mid, w)
+
+    for (_, w, _, _), depth in zip(config.stages(), config.stage_depths(), strict=True):
+        total += depth * 2 * sublayer(w)
+    total += 9 * (c * (c // 2) + 2 * c * c + 4 * c * 8 * c + 2 * c * 4 * c)  # resample
+    total += lin(4 * c, 2 * c) + lin(2 * c, 2 * c)  # 1x1 reductions
+    total += 9 * (2 * c) ** 2 + 2 * c  # output conv
+    total += lin(2 * c, 4 * c) + 9 * 2 * c * out + out  # final adaLN and conv
+    return total
+
+
+__all__ += ["UDIT_MULS_PER_SUBLAYER", "udit_macs", "udit_macs_breakdown", "udit_param_count"]

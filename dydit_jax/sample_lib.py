@@ -7,6 +7,8 @@ depends on (seed, i, label) only: not on the batch size, the device count or the
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import tempfile
@@ -24,7 +26,29 @@ from tqdm.auto import tqdm
 from dydit_jax import diffusion as diffusion_lib
 from dydit_jax import parallel
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = diffusion_lib.SAMPLERS
+
+
+def initial_noise(
+    key: jax.Array, indices: jax.Array, image_shape: tuple[int, ...], guided: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(x_T, per-row sampler keys) of a batch. Row r is image number indices[r] of the run:
+    its noise comes from fold_in(key, indices[r]). Under guidance the batch is doubled as
+    [z; z] (the second half's keys are folded once more; its state is never used)."""
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    noise_keys, loop_keys = jax.vmap(jax.random.split, out_axes=1)(row_keys)
+    z = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
+    if guided:
+        z = jnp.concatenate([z, z], axis=0)
+        uncond_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(loop_keys)
+        loop_keys = jnp.concatenate([loop_keys, uncond_keys], axis=0)
+    return z, loop_keys
+
+
+def _check_sampler(sampler: str, guided_channels: int | None) -> int | None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    return None if guided_channels is not None and guided_channels < 0 else guided_channels
 
 
 def make_batch_sampler(
@@ -40,41 +64,30 @@ def make_batch_sampler(
     """A jitted fn(params, key, indices, labels) -> float32 samples (B, H, W, C), model space,
     for a model split as `train_lib.ModelParts` (graphdef, buffers, shardings, config).
 
-    Row r is image number indices[r] of the run: its noise comes from fold_in(key, indices[r]).
-
+    Row r is image number indices[r] of the run (see `initial_noise`).
     `cfg_scale` 1.0 samples without guidance; otherwise the batch is doubled as [z; z] with
     labels [y; null] and the first half is returned (reference behaviour). `guided_channels`
     None or -1 guides every eps channel; 3 reproduces the reference's 3-of-4-channel quirk.
     """
     graphdef, buffers, config = parts.graphdef, parts.buffers, parts.config
     image_shape = (config.input_size, config.input_size, config.in_channels)
-    num_classes = config.num_classes
-    if guided_channels is not None and guided_channels < 0:
-        guided_channels = None
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    guided_channels = _check_sampler(sampler, guided_channels)
     diffusion = diffusion_lib.create_diffusion(sampling_steps)
     guided = cfg_scale != 1.0
 
     def sample(params, key, indices, labels):
         model = nnx.merge(graphdef, params, buffers)
-        row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-        noise_keys, loop_keys = jax.vmap(jax.random.split, out_axes=1)(row_keys)
-        b = labels.shape[0]
-        z = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
+        z, loop_keys = initial_noise(key, indices, image_shape, guided)
         if guided:
             model_fn = diffusion_lib.classifier_free_guidance(
-                model, labels, num_classes, cfg_scale, guided_channels
+                model, labels, config.num_classes, cfg_scale, guided_channels
             )
-            z = jnp.concatenate([z, z], axis=0)
-            uncond_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(loop_keys)
-            loop_keys = jnp.concatenate([loop_keys, uncond_keys], axis=0)
         else:
             model_fn = lambda x, t: model(x, t, labels)
         out = diffusion_lib.sample_loop(
             diffusion, model_fn, z, loop_keys, sampler=sampler, eta=eta
         )
-        return out[:b]
+        return out[: labels.shape[0]]
 
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
@@ -106,8 +119,7 @@ def make_labels(spec: str | Sequence[int] | None, n: int, num_classes: int, seed
 
 
 def generate(
-    batch_sampler: Callable,
-    params: Any,
+    batch_sampler: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     labels: np.ndarray,
     *,
     batch_size: int,
@@ -115,7 +127,11 @@ def generate(
     mesh,
     progress: bool = True,
 ) -> np.ndarray:
-    """Sample len(labels) images in batches; returns float32 (N, H, W, C) on the host."""
+    """Sample len(labels) images in batches; returns float32 (N, H, W, C) on the host.
+
+    `batch_sampler(key, indices, labels)`: e.g. `functools.partial(make_batch_sampler(...),
+    params)`, or a `dynamic.DyDiTEngine`.
+    """
     ways = parallel.batch_size_per_step(mesh)
     batch_size = max(ways, math.ceil(batch_size / ways) * ways)
     base = jax.random.key(seed)
@@ -127,7 +143,7 @@ def generate(
         padded = np.resize(chunk, batch_size).astype(np.int32)  # last batch: pad, then trim
         rows = {"y": padded, "i": np.arange(start, start + batch_size, dtype=np.int32)}
         rows = parallel.global_batch(rows, mesh)
-        x = batch_sampler(params, base, rows["i"], rows["y"])
+        x = batch_sampler(base, rows["i"], rows["y"])
         if jax.process_count() > 1:
             x = multihost_utils.process_allgather(x, tiled=True)
         outputs.append(np.asarray(jax.device_get(x))[: len(chunk)])
@@ -205,16 +221,23 @@ def sample_from_workdir(
     use_ema: bool = True,
     step: int | None = None,
     progress: bool = True,
+    dynamic: bool | None = None,
+    token_capacity: str | None = None,
+    width_multiple: int | None = None,
 ) -> dict:
     """Load the latest (or given) checkpoint of a training workdir and export samples.
 
     Options left as None take the values of the run's config (`config.sample`). Writes
     OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) and OUT/grid.png; returns a summary.
+    DyDiT checkpoints run the inference engine (dydit_jax/dynamic) unless `dynamic` is
+    False (the masked model); its report (achieved FLOPs ratio, compiles, token overflow)
+    goes into the summary and OUT/dynamic.json.
     """
     import ml_collections
 
     from dydit_jax import checkpoint as ckpt_lib
-    from dydit_jax import train_lib
+    from dydit_jax import dynamic as dynamic_lib
+    from dydit_jax import models, train_lib
 
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
@@ -232,21 +255,37 @@ def sample_from_workdir(
     diffusion_lib.space_timesteps(config.diffusion_steps, sampling_steps)  # validates
     model_config = train_lib.validate_config(config)
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
+    if dynamic is None:
+        dynamic = sample_cfg.get("dynamic", True)
+    dynamic = dynamic and isinstance(model_config, models.DyDiTConfig)
+    engine_opts = train_lib.engine_options(
+        sample_cfg, token_capacity=token_capacity, width_multiple=width_multiple
+    )
 
     mesh = parallel.make_mesh(config.mesh_shape)
     item = "ema_params" if use_ema else "params"
     with jax.set_mesh(mesh):
         _, _, parts, weights = train_lib.restore_weights(workdir, mesh, item=item, step=step)
-        batch_sampler = make_batch_sampler(
-            parts, mesh=mesh, sampling_steps=sampling_steps, sampler=sampler,
-            cfg_scale=cfg_scale, guided_channels=guided_channels,
+        options = dict(
+            mesh=mesh, sampling_steps=sampling_steps, sampler=sampler, cfg_scale=cfg_scale,
+            guided_channels=guided_channels,
         )
+        if dynamic:
+            engine = dynamic_lib.DyDiTEngine(parts, weights, **options, **engine_opts)
+            batch_sampler = engine
+        else:
+            engine = None
+            batch_sampler = functools.partial(make_batch_sampler(parts, **options), weights)
         images = to_uint8(
             generate(
-                batch_sampler, weights, label_array, batch_size=batch_size, seed=seed,
-                mesh=mesh, progress=progress,
+                batch_sampler, label_array, batch_size=batch_size, seed=seed, mesh=mesh,
+                progress=progress,
             )
         )
+    report = engine.report() if engine is not None else None
+    if jax.process_index() == 0 and report is not None:
+        with _atomic(os.path.join(out, "dynamic.json")) as tmp, open(tmp, "w") as f:
+            json.dump(report | {"plan": engine.plan.summary(engine.width_multiple)}, f, indent=1)
     if jax.process_index() == 0:
         save_npz(os.path.join(out, "samples.npz"), images, label_array)
         ncol = model_config.num_classes if labels in (None, "balanced") else None
@@ -260,4 +299,5 @@ def sample_from_workdir(
         "sampler": sampler,
         "sampling_steps": sampling_steps,
         "cfg_scale": cfg_scale,
+        "dynamic": report,
     }

@@ -10,6 +10,7 @@ uninterrupted run would have done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -29,7 +30,7 @@ from jax.experimental import multihost_utils
 from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import flops, models, parallel, sample_lib
+from dydit_jax import dynamic, flops, models, parallel, sample_lib
 from dydit_jax.models import layers
 
 # ----------------------------------------------------------------------------- config
@@ -83,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
             guided_channels=3,  # eps channels guided: 3 = reference quirk, -1 = all
             num_images=64,  # images in each periodic grid
             batch_size=64,
+            # DyDiT inference engine (sample.py; dydit_jax/dynamic): sliced widths and
+            # capacity-bounded tokens. False = the masked model (no savings, reference form).
+            dynamic=True,
+            width_multiple=1,  # round active head/group counts up to this (fewer compiles)
+            token_capacity="calibrate",  # calibrate | all | fraction (0.75) | count (192)
+            capacity_margin=0.1,  # calibrated capacity = most selected * (1 + margin)
+            capacity_step_buckets=1,  # separate capacities for this many step ranges
         )
     )
     # --- bookkeeping
@@ -127,6 +135,7 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
             f"config.sample.sampler {config.sample.sampler!r} is not one of {sample_lib.SAMPLERS}"
         )
     diffusion_lib.space_timesteps(config.diffusion_steps, config.sample.steps)
+    engine_options(config.sample)  # validates the DyDiT engine's sampling options
     if isinstance(model_config, models.DyDiTConfig):
         dyn = config.dydit
         if not 0.0 < dyn.lambda_target <= 1.0:
@@ -137,6 +146,28 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
             if int(dyn[name]) < 0:
                 raise ValueError(f"config.dydit.{name} must be >= 0, got {dyn[name]}")
     return model_config
+
+
+def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:
+    """The DyDiT engine's options from `config.sample` (defaults for runs that predate them),
+    with non-None `overrides` (command-line flags); raises ValueError on bad values."""
+    defaults = base_config().sample
+    names = ("width_multiple", "token_capacity", "capacity_margin", "capacity_step_buckets")
+    opts = {name: sample.get(name, defaults[name]) for name in names}
+    opts |= {k: v for k, v in overrides.items() if v is not None}
+    for name in ("width_multiple", "capacity_step_buckets"):
+        if int(opts[name]) < 1:
+            raise ValueError(f"config.sample.{name} must be >= 1, got {opts[name]}")
+    if not float(opts["capacity_margin"]) >= 0:
+        raise ValueError(
+            f"config.sample.capacity_margin must be >= 0, got {opts['capacity_margin']}"
+        )
+    return {
+        "width_multiple": int(opts["width_multiple"]),
+        "capacity": dynamic.parse_capacity(opts["token_capacity"]),
+        "capacity_margin": float(opts["capacity_margin"]),
+        "capacity_step_buckets": int(opts["capacity_step_buckets"]),
+    }
 
 
 # ------------------------------------------------------------------------------ state
@@ -395,13 +426,16 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
     dynamic = isinstance(parts.config, models.DyDiTConfig)
     dyn = config.get("dydit") if dynamic else None
     stratified = bool(dyn and dyn.stratified_timesteps)
+    # U-DiT's label embedders drop labels independently: the model takes one column each.
+    label_columns = getattr(parts.config, "num_label_embedders", 1)
 
     def loss_fn(params, x0, y, key, step):
         model = nnx.merge(parts.graphdef, params, buffers)
         k_t, k_noise, k_drop, k_route, k_drop_full = jax.random.split(key, 5)
         t = sample_timesteps(k_t, x0.shape[0], diffusion.num_timesteps, stratified)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        y_in = layers.drop_labels(k_drop, y, config.label_dropout, num_classes)
+        y_cols = y if label_columns == 1 else jnp.repeat(y[:, None], label_columns, axis=1)
+        y_in = layers.drop_labels(k_drop, y_cols, config.label_dropout, num_classes)
         if not dynamic:
             terms = diffusion.training_losses(lambda x, tt: model(x, tt, y_in), x0, t, noise)
             loss = terms["loss"].mean()
@@ -627,7 +661,7 @@ def _write_grid(sampler, ema_params, config, mesh, writer, workdir, step) -> Non
     labels = sample_lib.make_labels("balanced", n, config.num_classes)
     images = sample_lib.to_uint8(
         sample_lib.generate(
-            sampler, ema_params, labels, batch_size=config.sample.batch_size,
+            functools.partial(sampler, ema_params), labels, batch_size=config.sample.batch_size,
             seed=config.seed, mesh=mesh, progress=False,
         )
     )

@@ -3,9 +3,10 @@
 from .gaussian import GaussianDiffusion, create_diffusion
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import space_timesteps
-from .samplers import classifier_free_guidance, sample_loop
+from .samplers import SAMPLERS, classifier_free_guidance, sample_loop, sampler_step
 
 __all__ = [
+    "SAMPLERS",
     "GaussianDiffusion",
     "classifier_free_guidance",
     "create_diffusion",
@@ -13,5 +14,6 @@ __all__ = [
     "mean_flat",
     "normal_kl",
     "sample_loop",
+    "sampler_step",
     "space_timesteps",
 ]

@@ -61,6 +61,21 @@ def ddim_step(
     return mean + nonzero * sigma * _step_noise(key, step, x)
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+def sampler_step(
+    diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, step: jax.Array,
+    key: jax.Array, *, sampler: str = "ddpm", eta: float = 0.0,
+) -> jax.Array:
+    """One reverse step (index `step` of this diffusion) of the named sampler."""
+    if sampler == "ddpm":
+        return ddpm_step(diffusion, model_fn, x, step, key)
+    if sampler == "ddim":
+        return ddim_step(diffusion, model_fn, x, step, key, eta)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+
+
 def sample_loop(
     diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *,
     sampler: str = "ddpm", eta: float = 0.0,
@@ -70,19 +85,12 @@ def sample_loop(
     `model_fn(x, t)` receives the ORIGINAL timesteps (diffusion.timestep_map), never the
     respaced index. `key` is a single key or one key per row of x_T.
     """
-    if sampler == "ddpm":
-        def step_fn(step, x):
-            return ddpm_step(diffusion, model_fn, x, step, key)
-    elif sampler == "ddim":
-        def step_fn(step, x):
-            return ddim_step(diffusion, model_fn, x, step, key, eta)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'")
-
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     n = diffusion.num_timesteps
 
     def body(i, x):
-        return step_fn(n - 1 - i, x)
+        return sampler_step(diffusion, model_fn, x, n - 1 - i, key, sampler=sampler, eta=eta)
 
     return jax.lax.fori_loop(0, n, body, x_T)
 

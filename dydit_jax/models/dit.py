@@ -106,15 +106,27 @@ class DiTBlock(nnx.Module):
         """The block with optional DyDiT masks: heads (B, H), MLP channel groups (B, G), and
         a token router that maps the residual stream after attention to a (B, N) mask of
         the tokens that run the MLP. Returns (x, token mask or None)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN(c)
-        h = self.attn(layers.modulate(layers.layer_norm(x), shift_msa, scale_msa), head_mask)
-        x = x + gate_msa[:, None, :] * h
+        mods = self.adaLN(c)
+        x = self.attention_residual(x, mods, head_mask)
         token_mask = None if token_router is None else token_router(x)
-        h = self.mlp(layers.modulate(layers.layer_norm(x), shift_mlp, scale_mlp), group_mask)
-        gate = gate_mlp[:, None, :]
+        gate = mods[5][:, None, :]
         if token_mask is not None:
             gate = gate * token_mask[..., None].astype(gate.dtype)
-        return x + gate * h, token_mask
+        return x + gate * self.mlp_branch(x, mods, group_mask), token_mask
+
+    def attention_residual(
+        self, x: jax.Array, mods: list[jax.Array], head_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x + gate_msa * Attn(modulate(LN(x))); `mods` = the six adaLN chunks of c."""
+        shift, scale, gate = mods[:3]
+        h = self.attn(layers.modulate(layers.layer_norm(x), shift, scale), head_mask)
+        return x + gate[:, None, :] * h
+
+    def mlp_branch(
+        self, x: jax.Array, mods: list[jax.Array], group_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """MLP(modulate(LN(x))) before its gate; x may hold any subset of the tokens."""
+        return self.mlp(layers.modulate(layers.layer_norm(x), mods[3], mods[4]), group_mask)
 
 
 class DiT(nnx.Module):

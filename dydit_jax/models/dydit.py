@@ -99,6 +99,34 @@ class DyDiTBlock(DiTBlock):
         h = jax.nn.relu(self.token_fc1(x.astype(jnp.float32)))
         return self.token_fc2(h)[..., 0]
 
+    def capacity_forward(self, x: jax.Array, c: jax.Array, capacity: int):
+        """The inference engine's block: weights already sliced to the active heads and MLP
+        groups (so no width masks), and at most `capacity` tokens per sample through the MLP:
+        the highest-scoring of those the token router selects (logit > 0) are gathered, run
+        and scattered back. Equals `forward` with the eval masks when nothing overflows.
+
+        Returns (x, stats): int32 [tokens selected, tokens dropped for capacity, most
+        selected in one sample], summed (or maxed) over the batch.
+        """
+        mods = self.adaLN(c)
+        x = self.attention_residual(x, mods)
+        logits = self.token_logits(x)
+        selected = logits > 0
+        count = selected.sum(axis=-1, dtype=jnp.int32)
+        b, n, _ = x.shape
+        gate = mods[5][:, None, :]
+        if capacity >= n:  # every token fits: a mask is cheaper than gather + scatter
+            x = x + gate * selected[..., None].astype(x.dtype) * self.mlp_branch(x, mods)
+        elif capacity > 0:
+            scores, index = jax.lax.top_k(logits, capacity)  # (B, capacity), best first
+            keep = (scores > 0)[..., None].astype(x.dtype)
+            rows = jnp.take_along_axis(x, index[..., None], axis=1)
+            update = gate * keep * self.mlp_branch(rows, mods)
+            x = x.at[jnp.arange(b)[:, None], index].add(update, unique_indices=True)
+        overflow = jnp.maximum(count - min(capacity, n), 0)
+        stats = jnp.stack([count.sum(), overflow.sum(), count.max()])
+        return x, stats
+
     def full_width(self, mask: jax.Array) -> jax.Array:
         """Prepend the always-on head/group 0 of the training release's layout."""
         if not self.first_on:

@@ -230,9 +230,14 @@ class Attention(nnx.Module):
         self.proj = dense(hidden, hidden, axes=("heads", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, head_mask: jax.Array | None = None) -> jax.Array:
-        """`head_mask` (B, H) multiplies each head's output before `proj` (DyDiT's TDW)."""
+        """`head_mask` (B, H) multiplies each head's output before `proj` (DyDiT's TDW).
+
+        The head count is read from the qkv kernel, so the same module runs with weights
+        sliced to a subset of heads (the DyDiT engine); zero heads gives proj's bias.
+        """
         b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        heads = self.qkv.kernel.shape[-1] // (3 * self.head_dim)
+        qkv = self.qkv(x).reshape(b, n, 3, heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.impl == "einsum":
             out = dot_product_attention(q, k, v)
@@ -240,7 +245,7 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
         if head_mask is not None:
             out = out * head_mask[:, None, :, None].astype(out.dtype)
-        return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
+        return self.proj(out.reshape(b, n, heads * self.head_dim))
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -1,0 +1,187 @@
+"""DyDiT inference engine: equals the masked model, exact overflow, plan FLOPs, sample.py."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dydit_jax import flops, parallel, sample_lib, train_lib
+from dydit_jax.diffusion import create_diffusion
+from dydit_jax.dynamic import DyDiTEngine, parse_capacity, width_plan
+from dydit_jax.models import model_config
+from tests.helpers import run_entry_point, tiny_config
+
+TINY = dict(input_size=8, in_channels=2, num_classes=5, depth=3, hidden_size=64, num_heads=4)
+STEPS = "6"
+
+
+def random_dydit(seed=0, layout="first_on"):
+    """A tiny DyDiT with random weights whose routers switch heads, groups and tokens on and
+    off across timesteps (bias ~0); the output layer is scaled down so samples stay O(1)."""
+    config = model_config("DyDiT-S/2", router_layout=layout, **TINY)
+    mesh = parallel.make_mesh((-1, 1, 1))
+    parts = train_lib.build_model(config, mesh, seed=0, rules=None, init_params=False)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32), parts.param_shapes
+    )
+    params["final_layer"] = jax.tree.map(lambda x: 0.2 * x, params["final_layer"])
+    for block in params["blocks"].values():
+        for router in ("attn_rate", "mlp_rate"):
+            block[router]["kernel"] = 3.0 * block[router]["kernel"]
+        # relu(a.x) - relu(b.x) + ...: symmetric around 0, so about half the tokens are on.
+        signs = np.resize(np.float32([1, -1]), block["token_fc2"]["kernel"].shape[0])
+        block["token_fc2"] = {"kernel": signs[:, None], "bias": np.zeros(1, np.float32)}
+    return parts, jax.device_put(params, parts.param_shardings), mesh
+
+
+def batch(mesh, n=8):
+    """(key, image indices, labels) placed as sample_lib.generate places them."""
+    rows = {"i": np.arange(n, dtype=np.int32), "y": np.arange(n, dtype=np.int32) % 5}
+    rows = parallel.global_batch(rows, mesh)
+    return jax.random.key(7), rows["i"], rows["y"]
+
+
+@pytest.mark.parametrize("cfg_scale,width_multiple", [(1.0, 1), (2.0, 1), (2.0, 3)])
+def test_engine_equals_masked_model(cfg_scale, width_multiple):
+    parts, params, mesh = random_dydit()
+    options = dict(mesh=mesh, sampling_steps=STEPS, cfg_scale=cfg_scale, guided_channels=-1)
+    with jax.set_mesh(mesh):
+        engine = DyDiTEngine(parts, params, width_multiple=width_multiple, **options)
+        got = engine(*batch(mesh))
+        want = sample_lib.make_batch_sampler(parts, **options)(params, *batch(mesh))
+    # The sampler visits the respaced timesteps from the noisiest down.
+    assert list(engine.plan.timesteps) == sorted(engine.plan.timesteps, reverse=True)
+    heads = engine.plan.heads.sum(-1)
+    assert heads.min() < heads.max() and heads.max() > 1  # widths really vary by step/layer
+    report = engine.report()
+    assert 0.2 < report["token_fraction"] < 0.9  # and tokens are really skipped
+    assert report["tokens_overflow"] == 0
+    assert report["signatures"] == len({k for k in engine.compiled if not isinstance(k[0], str)})
+    if width_multiple > 1:  # padded heads and groups are computed but contribute nothing
+        assert report["executed_flops_ratio"] > report["plan_flops_ratio"]
+        assert set(np.unique(engine.width_counts[0])) <= {0, 3, 4}
+    scale = float(jnp.abs(want).max())
+    assert 0.5 < scale < 1e4  # the random model is far from data, not broken
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * scale, rtol=0)
+
+
+def test_capacity_overflow_is_counted_and_keeps_the_best_tokens():
+    parts, params, _ = random_dydit(seed=1)
+    model = nnx.merge(parts.graphdef, params, parts.buffers)
+    block = model.blocks[1]
+    rng = np.random.default_rng(0)
+    b, n, d = 4, 16, 64
+    x = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
+    c = jnp.asarray(rng.standard_normal((b, d)), jnp.float32)
+    mods = block.adaLN(c)
+    after_attn = block.attention_residual(x, mods)
+    logits = np.asarray(block.token_logits(after_attn))
+    counts = (logits > 0).sum(-1)
+    capacity = (counts.min() + counts.max()) // 2
+    assert counts.min() < capacity < counts.max()  # some samples overflow, some do not
+    got, stats = block.capacity_forward(x, c, capacity)
+    # Independent: keep each sample's `capacity` highest logits among the selected ones.
+    keep = np.zeros((b, n), bool)
+    for i in range(b):
+        best = np.argsort(-logits[i], kind="stable")[:capacity]
+        keep[i, best[logits[i, best] > 0]] = True
+    want, _ = block.forward(x, c, token_router=lambda _: jnp.asarray(keep, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    overflow = np.maximum(counts - capacity, 0).sum()
+    assert overflow > 0
+    np.testing.assert_array_equal(np.asarray(stats), [counts.sum(), overflow, counts.max()])
+    # With capacity = every token the capacity form equals the masked block.
+    full, full_stats = block.capacity_forward(x, c, n)
+    masked, _ = block.forward(x, c, token_router=lambda h: (block.token_logits(h) > 0) * 1.0)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(masked), atol=1e-5, rtol=1e-5)
+    assert int(full_stats[1]) == 0
+
+
+@pytest.mark.parametrize("layout", ["first_on", "all"])
+def test_plan_flops_ratio_equals_flops_on_the_masks(layout):
+    parts, params, mesh = random_dydit(seed=2, layout=layout)
+    diffusion = create_diffusion(STEPS)
+    timesteps = diffusion.timestep_map[::-1]  # the sampler's order: noisiest first
+    with jax.set_mesh(mesh):
+        plan = width_plan(parts.graphdef, params, parts.buffers, parts.config, timesteps)
+    model = nnx.merge(parts.graphdef, params, parts.buffers)
+    x = jnp.zeros((len(plan.timesteps), 8, 8, 2))
+    _, masks = model(x, jnp.asarray(plan.timesteps), jnp.zeros(len(plan.timesteps), jnp.int32),
+                     return_masks=True)
+    np.testing.assert_array_equal(plan.heads, np.asarray(masks["heads"]) > 0)
+    np.testing.assert_array_equal(plan.groups, np.asarray(masks["groups"]) > 0)
+    cfg = parts.config
+    want = flops.flops_ratio(masks["heads"], masks["groups"], None, cfg.num_tokens,
+                             cfg.hidden_size, cfg.mlp_hidden)
+    np.testing.assert_allclose(plan.step_ratios(), np.asarray(want), rtol=1e-6)
+    assert plan.flops_ratio() == pytest.approx(float(np.mean(want)), rel=1e-6)
+    assert plan.flops_ratio() < 1.0
+
+
+def test_calibration_sets_capacities_that_do_not_overflow_on_its_batch():
+    parts, params, mesh = random_dydit(seed=3)
+    with jax.set_mesh(mesh):
+        engine = DyDiTEngine(parts, params, mesh=mesh, sampling_steps=STEPS,
+                             capacity="calibrate", capacity_multiple=2, capacity_step_buckets=2)
+        first = engine(*batch(mesh))  # calibration batch: every token allowed, exact
+        most = engine._last_max
+        assert engine.capacity.min() < parts.config.num_tokens  # some layers need fewer
+        assert (engine.capacity >= most).all() and (engine.capacity % 2 == 0).all()
+        # two step buckets: capacities constant within each half of the trajectory
+        assert (engine.capacity[:3] == engine.capacity[0]).all()
+        assert (engine.capacity[3:] == engine.capacity[3]).all()
+        again = engine(*batch(mesh))
+        assert int(engine.overflow.sum()) == 0
+        scale = float(jnp.abs(first).max())
+        np.testing.assert_allclose(np.asarray(again), np.asarray(first), atol=2e-5 * scale)
+        assert engine.report()["executed_flops_ratio"] < engine.plan.flops_ratio()
+        engine.set_capacity(0.25)  # 4 tokens of 16: overflow, counted
+        engine.reset_stats()
+        engine(*batch(mesh))
+        assert engine.report()["tokens_overflow"] > 0
+        assert engine.report()["achieved_flops_ratio"] <= engine.plan.flops_ratio(0.25) + 1e-9
+
+
+def test_capacity_specs_and_bad_values():
+    assert parse_capacity("calibrate") == "calibrate" and parse_capacity("all") is None
+    assert parse_capacity("0.75") == 0.75 and parse_capacity("192") == 192
+    for bad in ("lots", "1.5", "-3", "0.0"):
+        with pytest.raises(ValueError, match="token capacity"):
+            parse_capacity(bad)
+    config = tiny_config()
+    config.sample.width_multiple = 0
+    with pytest.raises(ValueError, match="width_multiple"):
+        train_lib.validate_config(config)
+
+
+@pytest.fixture(scope="module")
+def dydit_workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dydit"))
+    config = tiny_config(model="DyDiT-S/2", num_steps=2)
+    config.model_overrides.update(num_heads=4)
+    train_lib.train_and_evaluate(config, path)
+    return path
+
+
+def test_sample_py_runs_the_engine_for_dydit(dydit_workdir, tmp_path):
+    common = [f"--workdir={dydit_workdir}", "--num_samples=8", "--sampling_steps=4"]
+    proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'engine'}",
+                           "--token_capacity=all")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DyDiT engine: FLOPs ratio" in proc.stdout
+    report = json.loads((tmp_path / "engine" / "dynamic.json").read_text())
+    assert report["tokens_overflow"] == 0 and report["plan"]["steps"] == 4
+    proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'masked'}", "--nodynamic")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DyDiT engine" not in proc.stdout
+    assert not (tmp_path / "masked" / "dynamic.json").exists()
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("engine", "masked"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # uint8 rounding at most
+    proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'bad'}",
+                           "--token_capacity=lots")
+    assert proc.returncode != 0 and "token capacity 'lots'" in proc.stderr
+    assert "Traceback" not in proc.stderr
