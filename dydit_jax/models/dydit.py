@@ -105,15 +105,24 @@ class DyDiTBlock(DiTBlock):
         the highest-scoring of those the token router selects (logit > 0) are gathered, run
         and scattered back. Equals `forward` with the eval masks when nothing overflows.
 
-        Returns (x, stats): int32 [tokens selected, tokens dropped for capacity, most
-        selected in one sample], summed (or maxed) over the batch.
+        Returns (x, stats): int32 (B, 2), per sample [tokens selected, tokens dropped for
+        capacity] (per row, so that no cross-device reduction sits in the block). The engine
+        runs the two halves (`attention_step`, `token_mlp`) as separate compiled calls.
         """
-        mods = self.adaLN(c)
-        x = self.attention_residual(x, mods)
+        x, mods = self.attention_step(x, c)
+        return self.token_mlp(x, mods, capacity)
+
+    def attention_step(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, tuple]:
+        """(x after the attention residual, the six adaLN chunks for `token_mlp`)."""
+        mods = tuple(self.adaLN(c))
+        return self.attention_residual(x, mods), mods
+
+    def token_mlp(self, x: jax.Array, mods: tuple, capacity: int):
+        """The MLP residual for at most `capacity` tokens per sample (see capacity_forward)."""
         logits = self.token_logits(x)
         selected = logits > 0
         count = selected.sum(axis=-1, dtype=jnp.int32)
-        b, n, _ = x.shape
+        n = x.shape[1]
         gate = mods[5][:, None, :]
         if capacity >= n:  # every token fits: a mask is cheaper than gather + scatter
             x = x + gate * selected[..., None].astype(x.dtype) * self.mlp_branch(x, mods)
@@ -122,10 +131,9 @@ class DyDiTBlock(DiTBlock):
             keep = (scores > 0)[..., None].astype(x.dtype)
             rows = jnp.take_along_axis(x, index[..., None], axis=1)
             update = gate * keep * self.mlp_branch(rows, mods)
-            x = x.at[jnp.arange(b)[:, None], index].add(update, unique_indices=True)
+            x = jax.vmap(lambda xb, i, u: xb.at[i].add(u, unique_indices=True))(x, index, update)
         overflow = jnp.maximum(count - min(capacity, n), 0)
-        stats = jnp.stack([count.sum(), overflow.sum(), count.max()])
-        return x, stats
+        return x, jnp.stack([count, overflow], axis=-1)
 
     def full_width(self, mask: jax.Array) -> jax.Array:
         """Prepend the always-on head/group 0 of the training release's layout."""

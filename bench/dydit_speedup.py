@@ -1,0 +1,321 @@
+r"""DyDiT wall-clock speedup: DiT vs DyDiT (the inference engine), side by side.
+
+Same size, same sampler, same batch, same process; the two alternate, batch by batch, so
+that machine noise hits both. Compile time is excluded from the per-image times and printed
+separately. The last line reads `wall_speedup=<x> flops_speedup=<y>` (of the last variant).
+
+Paper sizes (random backbone, synthetic routers, 32x32x4 latents, 1000 classes):
+
+  python bench/dydit_speedup.py --model=B/2 --lambdas=0.7,0.5 --steps=10 --batch=8
+  python bench/dydit_speedup.py --quick                       # ~3 min on 2 CPU cores
+  python bench/dydit_speedup.py --model=XL/2 --steps=250 --batch=32 --dtype=bfloat16  # GPU
+
+A trained digits DyDiT against its own backbone run as a DiT (routers off):
+
+  python bench/dydit_speedup.py --workdir=workdirs/dydit_digits --steps=50 --batch=100
+
+Synthetic routers: for a target FLOPs ratio r (from the paper's GFLOPs at lambda 0.7 / 0.5,
+e.g. DyDiT-B 16.28 / 11.90 of DiT-B's 23.02, converted with flops.dynamic_macs), every token
+router gets a bias that keeps a fraction `--token_keep` of the tokens (measured on the
+backbone's own activations), and the width routers of every layer read one random direction
+of the timestep embedding: head h of layer l is on at a fraction q_lh of the sampler's
+timesteps (the highest projections), the q_lh spread evenly by +-0.3 around the width
+fraction that makes the whole plan's FLOPs ratio r. So the active width changes from step to
+step and from layer to layer, as a trained DyDiT's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dydit_jax import flops, parallel, sample_lib, train_lib  # noqa: E402
+from dydit_jax.diffusion import create_diffusion  # noqa: E402
+from dydit_jax.dynamic import DyDiTEngine  # noqa: E402
+from dydit_jax.models import model_config  # noqa: E402
+
+# The DyDiT paper's GFLOPs (ImageNet 256, specs/DYDIT.md) per size and lambda.
+PAPER_GFLOPS = {
+    "S/2": {1.0: 6.07, 0.7: 4.34, 0.5: 3.16},
+    "B/2": {1.0: 23.02, 0.7: 16.28, 0.5: 11.90},
+    "XL/2": {1.0: 118.69, 0.7: 84.33, 0.5: 57.88},
+}
+WIDTH_SPREAD = 0.3
+
+
+def machine() -> str:
+    devices = jax.devices()
+    return (
+        f"{platform.node()} | {platform.processor() or platform.machine()} | "
+        f"{os.cpu_count()} CPU cores | {len(devices)} x {devices[0].device_kind} "
+        f"({devices[0].platform}) | jax {jax.__version__}"
+    )
+
+
+def target_ratio(config, size: str, lam: float) -> float:
+    """The DyDiT FLOPs ratio whose dynamic_macs equal the paper's GFLOPs at this lambda."""
+    blocks = flops.routed_block_macs(config)
+    constant = flops.dit_macs(config, dydit_convention=True) - blocks
+    return (PAPER_GFLOPS[size][lam] * 1e9 - constant) / blocks
+
+
+def spread_fractions(mean: float, count: int) -> np.ndarray:
+    """`count` fractions in [0, 1] evenly spread by +-WIDTH_SPREAD whose mean is `mean`."""
+    offsets = np.linspace(-WIDTH_SPREAD, WIDTH_SPREAD, count) if count > 1 else np.zeros(1)
+    lo, hi = -1.0, 2.0
+    for _ in range(60):  # bisection on the centre (clipping makes it non-linear)
+        mid = (lo + hi) / 2
+        if np.clip(mid + offsets, 0, 1).mean() < mean:
+            lo = mid
+        else:
+            hi = mid
+    return np.clip((lo + hi) / 2 + offsets, 0, 1)
+
+
+def random_backbone(parts, seed: int):
+    """Initialised weights plus small random adaLN / final layers (zero-init would make
+    every block an identity, which no trained model is)."""
+    params = jax.device_get(parts.params)
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, x):
+        names = jax.tree_util.keystr(path)
+        if "adaLN" in names or "final_layer" in names:
+            return (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def router_inputs(parts, params, timesteps, batch: int, seed: int) -> list[np.ndarray]:
+    """Per layer, the token router's input (the residual stream after attention) of the full
+    model on noise at the sampler's timesteps: where the token biases are set."""
+    model = nnx.merge(parts.graphdef, params, parts.buffers)
+    cfg = parts.config
+    rng = np.random.default_rng(seed)
+    ts = np.asarray(timesteps)[np.linspace(0, len(timesteps) - 1, 4).astype(int)]
+    x = jnp.asarray(rng.standard_normal((len(ts) * batch, cfg.input_size, cfg.input_size,
+                                         cfg.in_channels)), jnp.float32)
+    t = jnp.asarray(np.repeat(ts, batch), jnp.int32)
+    y = jnp.asarray(rng.integers(0, cfg.num_classes, len(t)), jnp.int32)
+
+    @jax.jit
+    def logits(x, t, y):
+        tokens, _, c = model.embed_all(x, t, y)
+        out = []
+        for block in model.blocks:
+            mods = block.adaLN(c)
+            tokens = block.attention_residual(tokens, mods)
+            out.append(block.token_logits(tokens) - block.token_fc2.bias[0])
+            tokens = tokens + mods[5][:, None] * block.mlp_branch(tokens, mods)
+        return out
+
+    return [np.asarray(v) for v in logits(x, t, y)]
+
+
+def synthetic_routers(parts, params, ratio: float, token_keep: float, timesteps, seed: int):
+    """Router weights for a plan with FLOPs ratio ~`ratio` (see the module docstring)."""
+    cfg = parts.config
+    params = jax.tree.map(np.array, params)
+    rng = np.random.default_rng(seed)
+    attn, mlp = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
+    attn_frac = attn / (attn + mlp)
+    width = ratio / (attn_frac + (1 - attn_frac) * token_keep)
+    if not 0 < width <= 1:
+        raise ValueError(f"ratio {ratio} cannot be reached with token_keep {token_keep}")
+    model = nnx.merge(parts.graphdef, params, parts.buffers)
+    t_emb = np.asarray(model.t_embedder(jnp.asarray(timesteps, jnp.int32)), np.float64)
+    k = cfg.num_router_logits
+    always_on = cfg.num_heads - k  # head/group 0 in the training release's layout
+    # fractions of the routed heads so that (always_on + sum q) / H = width
+    routed_mean = np.clip((width * cfg.num_heads - always_on) / k, 0, 1)
+    router_inputs_per_layer = router_inputs(parts, params, timesteps, 4, seed)
+    for layer, block in params["blocks"].items():
+        for name in ("attn_rate", "mlp_rate"):
+            direction = rng.standard_normal(cfg.hidden_size)
+            proj = t_emb @ direction
+            order = np.sort(proj)
+            fractions = rng.permutation(spread_fractions(routed_mean, k))
+            # on iff proj > threshold; thresholds halfway between trajectory values
+            cut = np.clip(np.round((1 - fractions) * len(order)).astype(int), 0, len(order))
+            padded = np.concatenate([[order[0] - 1.0], order, [order[-1] + 1.0]])
+            thresholds = (padded[cut] + padded[cut + 1]) / 2
+            scale = 10.0 / max(np.ptp(proj), 1e-6)
+            block[name]["kernel"] = np.repeat(scale * direction[:, None], k, 1).astype(np.float32)
+            block[name]["bias"] = (-scale * thresholds).astype(np.float32)
+        logits = router_inputs_per_layer[layer]
+        block["token_fc2"]["bias"] = np.float32([-np.quantile(logits, 1 - token_keep)])
+    return params
+
+
+def time_batch(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def run_variant(name, dit_fn, engine: DyDiTEngine, rows, repeats: int, batch: int, config):
+    """Warm up both (compile, calibration), then alternate timed batches."""
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    jax.block_until_ready(dit_fn(key, rows["i"], rows["y"]))
+    dit_first = time.perf_counter() - start
+    jax.block_until_ready(engine(key, rows["i"], rows["y"]))  # calibrates capacities
+    engine.reset_stats()
+    compile_before = engine.compile_seconds
+    dit_times, dydit_times = [], []
+    for r in range(repeats):
+        k = jax.random.fold_in(key, r + 1)
+        dit_times.append(time_batch(dit_fn, k, rows["i"], rows["y"]))
+        dydit_times.append(time_batch(engine, k, rows["i"], rows["y"]))
+    report = engine.report()
+    dit_img = np.median(dit_times) / batch
+    dydit_img = np.median(dydit_times) / batch
+    dit_macs = flops.dit_macs(config, dydit_convention=True)
+    dydit_macs = flops.dynamic_macs(config, report["achieved_flops_ratio"], dydit_convention=True)
+    result = {
+        "name": name,
+        "dit_s_per_img": dit_img,
+        "dydit_s_per_img": dydit_img,
+        "wall_speedup": dit_img / dydit_img,
+        "flops_speedup": dit_macs / dydit_macs,
+        "dydit_gflops": dydit_macs / 1e9,
+        "dit_compile_plus_first_batch_s": dit_first,
+        "dydit_compile_s": engine.compile_seconds,
+        "late_compiles_s": engine.compile_seconds - compile_before,
+        **{k: report[k] for k in ("plan_flops_ratio", "achieved_flops_ratio",
+                                  "executed_flops_ratio", "signatures", "token_fraction",
+                                  "tokens_overflow", "overflow_fraction", "slice_seconds")},
+    }
+    return result
+
+
+def print_result(r, steps: int) -> None:
+    print(
+        f"[{r['name']}] DiT {r['dit_s_per_img']:.3f} s/img  DyDiT {r['dydit_s_per_img']:.3f} "
+        f"s/img  wall x{r['wall_speedup']:.2f}  FLOPs x{r['flops_speedup']:.2f} "
+        f"({r['dydit_gflops']:.2f} GFLOPs; ratio plan-width {r['plan_flops_ratio']:.3f}, "
+        f"achieved {r['achieved_flops_ratio']:.3f}, executed {r['executed_flops_ratio']:.3f}); "
+        f"wall/FLOPs {r['wall_speedup'] / r['flops_speedup']:.2f}"
+    )
+    print(
+        f"    compile: DiT sampler + first batch {r['dit_compile_plus_first_batch_s']:.1f} s; "
+        f"DyDiT {r['signatures']} block signatures + 3 fns {r['dydit_compile_s']:.1f} s "
+        f"(slicing {r['slice_seconds']:.1f} s); tokens kept {r['token_fraction']:.3f}, "
+        f"overflow {r['tokens_overflow']} ({100 * r['overflow_fraction']:.2f}% of selected)"
+    )
+    per_image_250 = r["dydit_s_per_img"] * 250 / steps
+    fifty_k = 50_000 * per_image_250
+    print(
+        f"    50K images at 250 steps: ~{fifty_k / 3600:.1f} h of sampling here; compile "
+        f"{r['dydit_compile_s']:.0f} s = {100 * r['dydit_compile_s'] / fifty_k:.3f}% of it"
+    )
+
+
+def paper_size(args) -> list[dict]:
+    size = args.model
+    results = []
+    for lam in args.lambdas:
+        dit_config = model_config(f"DiT-{size}", input_size=32, in_channels=4,
+                                  num_classes=1000, dtype=args.dtype)
+        dydit_config = model_config(f"DyDiT-{size}", input_size=32, in_channels=4,
+                                    num_classes=1000, dtype=args.dtype)
+        mesh = parallel.make_mesh((-1, 1, 1))
+        with jax.set_mesh(mesh):
+            dit_parts = train_lib.build_model(dit_config, mesh, seed=0)
+            dydit_parts = train_lib.build_model(dydit_config, mesh, seed=0)
+            backbone = random_backbone(dit_parts, args.seed)
+            timesteps = create_diffusion(args.steps_spec).timestep_map[::-1]
+            ratio = target_ratio(dydit_config, size, lam)
+            full = jax.device_get(dydit_parts.params) | backbone
+            full["blocks"] = {
+                i: jax.device_get(dydit_parts.params["blocks"][i]) | backbone["blocks"][i]
+                for i in backbone["blocks"]
+            }
+            routed = synthetic_routers(dydit_parts, full, ratio, args.token_keep, timesteps,
+                                       args.seed)
+            results.append(compare(f"{size} lambda={lam} (target ratio {ratio:.3f})",
+                                   dit_parts, backbone, dydit_parts, routed, mesh, args))
+    return results
+
+
+def trained_digits(args) -> list[dict]:
+    mesh = parallel.make_mesh((-1, 1, 1))
+    with jax.set_mesh(mesh):
+        _, config, dydit_parts, weights = train_lib.restore_weights(args.workdir, mesh)
+        dit_config = model_config(
+            config.model.replace("DyDiT", "DiT"), input_size=config.image_size,
+            in_channels=config.in_channels, num_classes=config.num_classes,
+            **{k: v for k, v in dict(config.model_overrides).items()},
+        )
+        dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
+        backbone = {k: v for k, v in jax.device_get(weights).items()}
+        backbone["blocks"] = {
+            i: {m: p for m, p in b.items() if m in ("attn", "mlp", "adaLN")}
+            for i, b in backbone["blocks"].items()
+        }
+        return [compare(f"trained digits DyDiT ({args.workdir})", dit_parts, backbone,
+                        dydit_parts, weights, mesh, args)]
+
+
+def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) -> dict:
+    cfg = dydit_parts.config
+    options = dict(mesh=mesh, sampling_steps=args.steps_spec, cfg_scale=args.cfg_scale,
+                   guided_channels=-1)
+    dit_params = jax.device_put(dit_params, dit_parts.param_shardings)
+    dit_fn = functools.partial(sample_lib.make_batch_sampler(dit_parts, **options), dit_params)
+    engine = DyDiTEngine(dydit_parts, jax.device_put(dydit_params, dydit_parts.param_shardings),
+                         width_multiple=args.width_multiple, capacity="calibrate",
+                         capacity_margin=args.capacity_margin,
+                         capacity_step_buckets=args.capacity_step_buckets, **options)
+    labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
+    rows = parallel.global_batch({"i": np.arange(args.batch, dtype=np.int32), "y": labels}, mesh)
+    result = run_variant(name, dit_fn, engine, rows, args.repeats, args.batch, cfg)
+    print_result(result, args.steps)
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="B/2", choices=sorted(PAPER_GFLOPS))
+    p.add_argument("--lambdas", default="0.5", type=lambda s: [float(v) for v in s.split(",")])
+    p.add_argument("--workdir", default="", help="a trained DyDiT workdir instead of a size")
+    p.add_argument("--steps", type=int, default=10, help="DDPM sampling steps (respaced)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--cfg_scale", type=float, default=1.5)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--repeats", type=int, default=2, help="timed batches per model")
+    p.add_argument("--token_keep", type=float, default=0.8, help="synthetic token routers")
+    p.add_argument("--width_multiple", type=int, default=1)
+    p.add_argument("--capacity_margin", type=float, default=0.1)
+    p.add_argument("--capacity_step_buckets", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="B/2, lambda 0.5, 4 steps, 1 repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.lambdas, args.steps, args.repeats = "B/2", [0.5], 4, 1
+    for lam in args.lambdas:
+        if not args.workdir and lam not in PAPER_GFLOPS[args.model]:
+            known = sorted(PAPER_GFLOPS[args.model])
+            p.error(f"--lambdas: the paper's GFLOPs are known for lambda in {known}")
+    args.steps_spec = str(args.steps)
+    print(f"machine: {machine()}")
+    print(f"settings: {vars(args)}")
+    results = trained_digits(args) if args.workdir else paper_size(args)
+    last = results[-1]
+    print(f"wall_speedup={last['wall_speedup']:.2f} flops_speedup={last['flops_speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
