@@ -4,6 +4,8 @@ r"""Sample from a trained workdir (EMA weights of the latest checkpoint by defau
       [--sampling_steps=250 --sampler=ddpm|ddim --cfg_scale=2.0 --seed=0 --labels=0,1,2]
 
 Writes OUT/samples.npz (arr_0: uint8 NHWC images, arr_1: labels) and OUT/grid.png.
+DyDiT checkpoints run the inference engine (dydit_jax/dynamic; --token_capacity,
+--width_multiple; --nodynamic = the masked model) and also write OUT/dynamic.json.
 """
 
 import sys

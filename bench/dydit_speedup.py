@@ -98,9 +98,10 @@ def random_backbone(parts, seed: int):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def router_inputs(parts, params, timesteps, batch: int, seed: int) -> list[np.ndarray]:
-    """Per layer, the token router's input (the residual stream after attention) of the full
-    model on noise at the sampler's timesteps: where the token biases are set."""
+def token_biases(parts, params, timesteps, token_keep: float, batch: int, seed: int):
+    """Per layer, the token-router bias that keeps `token_keep` of the tokens of the DyDiT
+    (its width masks on, earlier layers' token masks applied) on noise at a few of the
+    sampler's timesteps; set layer by layer since each changes what the next one sees."""
     model = nnx.merge(parts.graphdef, params, parts.buffers)
     cfg = parts.config
     rng = np.random.default_rng(seed)
@@ -109,19 +110,19 @@ def router_inputs(parts, params, timesteps, batch: int, seed: int) -> list[np.nd
                                          cfg.in_channels)), jnp.float32)
     t = jnp.asarray(np.repeat(ts, batch), jnp.int32)
     y = jnp.asarray(rng.integers(0, cfg.num_classes, len(t)), jnp.int32)
-
-    @jax.jit
-    def logits(x, t, y):
-        tokens, _, c = model.embed_all(x, t, y)
-        out = []
-        for block in model.blocks:
-            mods = block.adaLN(c)
-            tokens = block.attention_residual(tokens, mods)
-            out.append(block.token_logits(tokens) - block.token_fc2.bias[0])
-            tokens = tokens + mods[5][:, None] * block.mlp_branch(tokens, mods)
-        return out
-
-    return [np.asarray(v) for v in logits(x, t, y)]
+    tokens, t_emb, c = jax.jit(model.embed_all)(x, t, y)
+    biases = []
+    for block in model.blocks:
+        head_logits, group_logits = block.width_logits(t_emb)
+        heads = block.full_width((head_logits > 0).astype(jnp.float32))
+        groups = block.full_width((group_logits > 0).astype(jnp.float32))
+        mods = block.adaLN(c)
+        tokens = block.attention_residual(tokens, mods, heads)
+        logits = np.asarray(block.token_logits(tokens)) - float(block.token_fc2.bias[0])
+        biases.append(-np.quantile(logits, 1 - token_keep))
+        keep = jnp.asarray(logits + biases[-1] > 0, jnp.float32)[..., None]
+        tokens = tokens + keep * mods[5][:, None] * block.mlp_branch(tokens, mods, groups)
+    return biases
 
 
 def synthetic_routers(parts, params, ratio: float, token_keep: float, timesteps, seed: int):
@@ -140,8 +141,7 @@ def synthetic_routers(parts, params, ratio: float, token_keep: float, timesteps,
     always_on = cfg.num_heads - k  # head/group 0 in the training release's layout
     # fractions of the routed heads so that (always_on + sum q) / H = width
     routed_mean = np.clip((width * cfg.num_heads - always_on) / k, 0, 1)
-    router_inputs_per_layer = router_inputs(parts, params, timesteps, 4, seed)
-    for layer, block in params["blocks"].items():
+    for block in params["blocks"].values():
         for name in ("attn_rate", "mlp_rate"):
             direction = rng.standard_normal(cfg.hidden_size)
             proj = t_emb @ direction
@@ -154,8 +154,9 @@ def synthetic_routers(parts, params, ratio: float, token_keep: float, timesteps,
             scale = 10.0 / max(np.ptp(proj), 1e-6)
             block[name]["kernel"] = np.repeat(scale * direction[:, None], k, 1).astype(np.float32)
             block[name]["bias"] = (-scale * thresholds).astype(np.float32)
-        logits = router_inputs_per_layer[layer]
-        block["token_fc2"]["bias"] = np.float32([-np.quantile(logits, 1 - token_keep)])
+    # token biases last: the router input depends on the widths just set
+    for layer, bias in enumerate(token_biases(parts, params, timesteps, token_keep, 4, seed)):
+        params["blocks"][layer]["token_fc2"]["bias"] = np.float32([bias])
     return params
 
 
@@ -172,6 +173,7 @@ def run_variant(name, dit_fn, engine: DyDiTEngine, rows, repeats: int, batch: in
     jax.block_until_ready(dit_fn(key, rows["i"], rows["y"]))
     dit_first = time.perf_counter() - start
     jax.block_until_ready(engine(key, rows["i"], rows["y"]))  # calibrates capacities
+    engine.prepare(key, rows["i"], rows["y"])  # compiles the calibrated capacities' shapes
     engine.reset_stats()
     compile_before = engine.compile_seconds
     dit_times, dydit_times = [], []
@@ -278,6 +280,7 @@ def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) 
     engine = DyDiTEngine(dydit_parts, jax.device_put(dydit_params, dydit_parts.param_shardings),
                          width_multiple=args.width_multiple, capacity="calibrate",
                          capacity_margin=args.capacity_margin,
+                         capacity_multiple=args.capacity_multiple,
                          capacity_step_buckets=args.capacity_step_buckets, **options)
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     rows = parallel.global_batch({"i": np.arange(args.batch, dtype=np.int32), "y": labels}, mesh)
@@ -298,7 +301,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed batches per model")
     p.add_argument("--token_keep", type=float, default=0.8, help="synthetic token routers")
     p.add_argument("--width_multiple", type=int, default=1)
-    p.add_argument("--capacity_margin", type=float, default=0.1)
+    p.add_argument("--capacity_margin", type=float, default=0.05)
+    p.add_argument("--capacity_multiple", type=int, default=8)
     p.add_argument("--capacity_step_buckets", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="B/2, lambda 0.5, 4 steps, 1 repeat")
