@@ -259,10 +259,10 @@ def trained_digits(args) -> list[dict]:
         dit_config = model_config(
             config.model.replace("DyDiT", "DiT"), input_size=config.image_size,
             in_channels=config.in_channels, num_classes=config.num_classes,
-            **{k: v for k, v in dict(config.model_overrides).items()},
+            **dict(config.model_overrides),
         )
         dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
-        backbone = {k: v for k, v in jax.device_get(weights).items()}
+        backbone = dict(jax.device_get(weights))
         backbone["blocks"] = {
             i: {m: p for m, p in b.items() if m in ("attn", "mlp", "adaLN")}
             for i, b in backbone["blocks"].items()

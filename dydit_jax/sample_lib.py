@@ -45,7 +45,8 @@ def initial_noise(
     return z, loop_keys
 
 
-def _check_sampler(sampler: str, guided_channels: int | None) -> int | None:
+def check_sampler(sampler: str, guided_channels: int | None) -> int | None:
+    """Refuse an unknown sampler; returns guided_channels with -1 (all channels) as None."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     return None if guided_channels is not None and guided_channels < 0 else guided_channels
@@ -71,7 +72,7 @@ def make_batch_sampler(
     """
     graphdef, buffers, config = parts.graphdef, parts.buffers, parts.config
     image_shape = (config.input_size, config.input_size, config.in_channels)
-    guided_channels = _check_sampler(sampler, guided_channels)
+    guided_channels = check_sampler(sampler, guided_channels)
     diffusion = diffusion_lib.create_diffusion(sampling_steps)
     guided = cfg_scale != 1.0
 

@@ -116,17 +116,13 @@ class DyDiTEngine:
         config = parts.config
         if not isinstance(config, DyDiTConfig):
             raise ValueError(f"the DyDiT engine needs a DyDiT model, got {type(config).__name__}")
-        if sampler not in diffusion_lib.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {diffusion_lib.SAMPLERS}")
+        self.guided_channels = sample_lib.check_sampler(sampler, guided_channels)
         if capacity_multiple < 1:
             raise ValueError(f"capacity multiple must be >= 1, got {capacity_multiple}")
-        self.config, self.mesh, self.params = config, mesh, params
+        self.config, self.params = config, params
         self.graphdef, self.buffers = parts.graphdef, parts.buffers
         self.sampler, self.eta, self.cfg_scale = sampler, eta, cfg_scale
         self.guided = cfg_scale != 1.0
-        if guided_channels is not None and guided_channels < 0:
-            guided_channels = None
-        self.guided_channels = guided_channels
         self.width_multiple, self.capacity_multiple = width_multiple, capacity_multiple
         self.diffusion = diffusion_lib.create_diffusion(sampling_steps)
         steps = self.diffusion.num_timesteps
@@ -315,7 +311,6 @@ class DyDiTEngine:
         self.selected = np.zeros(shape, np.int64)
         self.overflow = np.zeros(shape, np.int64)
         self.network_rows = 0
-        self.batches = 0
         self.sample_seconds = 0.0
 
     def _compile(self, key: tuple, fn, *args):
@@ -393,7 +388,6 @@ class DyDiTEngine:
         self.overflow += stats[..., 1].sum(-1)
         self._last_max = stats[..., 0].max(-1)
         self.network_rows += x.shape[0]
-        self.batches += 1
         self.sample_seconds += time.perf_counter() - start
         return out
 
