@@ -288,11 +288,14 @@ __all__ = [
 # - free: layer norms without affine, softmax, GELU/SiLU, adds, divisions (F.normalize),
 #   exp, the label tables and the pixel (un)shuffles.
 #
-# This reproduces every U-DiT number of the paper at 256px: fused 6.04 / 22.22 / 85.00,
-# training form 7.15 / 26.56 / 102.12, vanilla 5.91 / 21.96 / 84.48 (S / B / L), and U-DiT-B
-# 106.7 at 512px. Matmuls and convs alone fall short (fused L 84.91, B 22.18); charging the
-# layer norms at 4 ops per element instead of the multiplications (the DyDiT convention)
-# gives fused L 84.99 and vanilla B 21.97, so that is not it.
+# This reproduces the paper's numbers to the printed digits: fused (the published model)
+# 6.04 / 22.22 / 85.00 at 256px (S / B / L; 6.0435 / 22.2248 / 85.0003), vanilla 5.91 / 21.96
+# / 84.48, and U-DiT-B 106.7 at 512px (106.710). The training form (unfused FFN) gives
+# 7.15 / 26.55 / 102.12 (B: 26.5549) against the 7.15 / 26.56 / 102.12 estimated in
+# specs/UDIT.md: B sits 0.00014 below the rounding edge. Matmuls and convs alone fall short
+# (fused L 84.91, B 22.18); charging the layer norms at 4 ops per element instead of the
+# multiplications (the DyDiT convention) gives fused L 84.99 and vanilla B 21.97, so that is
+# not it either.
 
 # elementwise multiplies per sub-layer, in units of N w: 2 modulate + 2 gate
 UDIT_MULS_PER_SUBLAYER = 4

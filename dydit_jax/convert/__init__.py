@@ -1,4 +1,4 @@
-"""Convert reference PyTorch checkpoints (DiT, DyDiT) into this project's parameters.
+"""Convert reference PyTorch checkpoints (DiT, DyDiT, U-DiT) into this project's parameters.
 
 The reference state_dict layout is in specs/DIT.md ("Checkpoint layout") and specs/DYDIT.md
 (router keys). Linear weights are (out, in) and become kernels (in, out); the patch conv is
@@ -9,6 +9,9 @@ against ours (a different axis order would silently scramble positions).
     model = load_reference("dydit", "new_dydit0.7.pt")        # a ready NNX model
     write_workdir("runs/dit_xl", config, params, model_name="DiT-XL/2", image_size=32,
                   num_classes=1000)                           # for sample.py / init_from
+
+U-DiT (kind "udit", specs/UDIT.md) has its own name map and layouts in `convert/udit.py`;
+the functions here dispatch to it.
 
 Everything here runs on numpy; torch is only imported to read `.pt`/`.pth` files.
 """
@@ -27,8 +30,9 @@ import numpy as np
 
 from dydit_jax.models import dit as dit_lib
 from dydit_jax.models import layers, model_class, model_config
+from dydit_jax.models.udit import UDiT, UDiTConfig
 
-KINDS = {"dit": "DiT", "dydit": "DyDiT"}
+KINDS = {"dit": "DiT", "dydit": "DyDiT", "udit": "U-DiT"}
 POS_EMBED_TOL = 1e-6
 
 # our parameter path prefix -> reference module name ({i} = block index)
@@ -190,8 +194,12 @@ def infer_arch(kind: str, shapes: Mapping[str, Any]) -> dict[str, Any]:
     Returns {"depth", "hidden_size", "patch_size", "in_channels", "input_size", "num_classes",
     "learn_sigma", "mlp_ratio", "size" (S/B/L/XL or None)} and for DyDiT "router_logits"
     (K) and "token_router_ratio". The router layout needs the head count: see
-    `router_layout`."""
+    `router_layout`. U-DiT: see `convert.udit.infer_arch`."""
     _check_kind(kind)
+    if kind == "udit":
+        from dydit_jax.convert import udit
+
+        return udit.infer_arch(shapes)
     shapes = unwrap(shapes)
     pos = _need(shapes, "pos_embed", 3)
     tokens, hidden = pos[1], pos[2]
@@ -261,7 +269,13 @@ def infer_config(
     (e.g. "DyDiT-XL/2", optionally `overrides` such as depth/hidden_size/num_heads for
     non-registry sizes) depth and width come from the name and the shapes are checked later.
     Input size, channels, classes, learn_sigma, MLP ratio and the router layout always come
-    from the shapes unless given."""
+    from the shapes unless given. U-DiT: see `convert.udit.infer_config`."""
+    if kind == "udit":
+        from dydit_jax.convert import udit
+
+        return udit.infer_config(
+            shapes, arch, input_size=input_size, num_classes=num_classes, overrides=overrides
+        )
     fields = infer_arch(kind, shapes)
     family = KINDS[kind]
     if arch is None:
@@ -393,8 +407,16 @@ def state_dict_to_params(
     kind: "dit" or "dydit". The architecture is inferred from the shapes (see
     `infer_config`); params is a pure nested dict of float32 numpy arrays shaped like
     `nnx.to_pure_dict(nnx.state(model, nnx.Param))`. Raises ValueError on missing or
-    unexpected keys, a shape mismatch, or a pos_embed that is not ours."""
+    unexpected keys, a shape mismatch, or a pos_embed that is not ours. kind "udit": see
+    `convert.udit.state_dict_to_params` (`overrides={"fused": True}` fuses the FFNs)."""
     _check_kind(kind)
+    if kind == "udit":
+        from dydit_jax.convert import udit
+
+        return udit.state_dict_to_params(
+            state_dict, arch, input_size=input_size, num_classes=num_classes,
+            overrides=overrides,
+        )
     state_dict = unwrap(state_dict)
     _, config = infer_config(
         kind, state_dict, arch, input_size=input_size, num_classes=num_classes,
@@ -444,6 +466,14 @@ def merge_params(config, params: Mapping) -> Any:
     import jax.numpy as jnp
     from flax import nnx
 
+    if isinstance(config, UDiTConfig):
+        # every U-DiT variable is a parameter: build it abstractly (a random init of its
+        # ~260+ arrays costs seconds) and fill in the given values
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: UDiT(config, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(
+            state, _unflatten({p: jnp.asarray(v) for p, v in _flatten(params).items()})
+        )
+        return nnx.merge(graphdef, state)
     model = model_class(config)(config, rngs=nnx.Rngs(0))
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
     arrays = _unflatten({p: jnp.asarray(v) for p, v in _flatten(params).items()})
@@ -452,11 +482,13 @@ def merge_params(config, params: Mapping) -> Any:
 
 
 def load_reference(
-    kind: str, path: str, arch: str | None = None, *, overrides: Mapping | None = None
+    kind: str, path: str, arch: str | None = None, *, overrides: Mapping | None = None,
+    input_size: int | None = None,
 ) -> Any:
-    """A ready NNX model (DiT or DyDiT) from a reference checkpoint file."""
+    """A ready NNX model (DiT, DyDiT or U-DiT) from a reference checkpoint file.
+    `input_size`: U-DiT files do not store it (default 32; 64 for 512px)."""
     config, params = state_dict_to_params(
-        kind, load_state_dict(path), arch, overrides=overrides
+        kind, load_state_dict(path), arch, overrides=overrides, input_size=input_size
     )
     return merge_params(config, params)
 

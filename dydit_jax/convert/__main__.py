@@ -1,4 +1,5 @@
-"""python -m dydit_jax.convert {dit,dydit} --src FILE --dst DIR [--arch NAME]
+"""python -m dydit_jax.convert {dit,dydit,udit} --src FILE --dst DIR [--arch NAME]
+    [--input-size N] [--fuse]
 
 Converts a reference PyTorch checkpoint (.pt/.pth needs torch; .safetensors; .npz) into a
 workdir that sample.py reads and train.py starts from (`--config.init_from=DIR`).
@@ -26,6 +27,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--arch", default=None,
         help="registry name, e.g. DiT-XL/2 (default: inferred from the shapes)",
     )
+    parser.add_argument(
+        "--input-size", type=int, default=None,
+        help="latent size; U-DiT files do not store it (default 32 = 256px; 64 for 512px)",
+    )
+    parser.add_argument(
+        "--fuse", action="store_true",
+        help="udit: write the fused (re-parameterised) inference form instead of the "
+        "training form",
+    )
     return parser.parse_args(argv)
 
 
@@ -34,9 +44,16 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(os.path.join(os.path.abspath(args.dst), "checkpoints")):
             raise ValueError(f"{args.dst} already holds checkpoints/; pick a new --dst")
+        if args.fuse and args.kind != "udit":
+            raise ValueError("--fuse applies to U-DiT checkpoints (kind udit) only")
         state_dict = convert.load_state_dict(args.src)
-        name, _ = convert.infer_config(args.kind, state_dict, args.arch)
-        config, params = convert.state_dict_to_params(args.kind, state_dict, args.arch)
+        options = dict(
+            input_size=args.input_size, overrides={"fused": True} if args.fuse else None
+        )
+        name, _ = convert.infer_config(args.kind, state_dict, args.arch, **options)
+        config, params = convert.state_dict_to_params(
+            args.kind, state_dict, args.arch, **options
+        )
         convert.write_workdir(
             args.dst, config, params, model_name=name, image_size=config.input_size,
             num_classes=config.num_classes,
