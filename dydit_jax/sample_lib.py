@@ -207,6 +207,23 @@ def grid_upscale(image_size: int) -> int:
     return max(1, 64 // image_size)
 
 
+def inference_form(parts, weights, mesh, rules=None):
+    """(parts, weights) of the model's inference form: U-DiT's re-parameterised FFNs fused
+    (`models.fuse_model_params`, a pure function jitted straight into the new shardings);
+    every other model comes back as it is."""
+    from dydit_jax import models, train_lib
+
+    fused_config, _ = models.fuse_model_params(parts.config, {})
+    if fused_config == parts.config:
+        return parts, weights
+    fused_parts = train_lib.build_model(fused_config, mesh, rules=rules, init_params=False)
+    fuse = jax.jit(
+        lambda p: models.fuse_model_params(parts.config, p)[1],
+        out_shardings=fused_parts.param_shardings,
+    )
+    return fused_parts, fuse(weights)
+
+
 def sample_from_workdir(
     workdir: str,
     out: str,
@@ -230,6 +247,7 @@ def sample_from_workdir(
 
     Options left as None take the values of the run's config (`config.sample`). Writes
     OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) and OUT/grid.png; returns a summary.
+    U-DiT runs in its fused inference form (`inference_form`).
     DyDiT checkpoints run the inference engine (dydit_jax/dynamic) unless `dynamic` is
     False (the masked model); its report (achieved FLOPs ratio, compiles, token overflow)
     goes into the summary and OUT/dynamic.json.
@@ -267,6 +285,7 @@ def sample_from_workdir(
     item = "ema_params" if use_ema else "params"
     with jax.set_mesh(mesh):
         _, _, parts, weights = train_lib.restore_weights(workdir, mesh, item=item, step=step)
+        parts, weights = inference_form(parts, weights, mesh, config.get("sharding_rules"))
         options = dict(
             mesh=mesh, sampling_steps=sampling_steps, sampler=sampler, cfg_scale=cfg_scale,
             guided_channels=guided_channels,
@@ -297,6 +316,7 @@ def sample_from_workdir(
         "num_samples": num_samples,
         "out": out,
         "weights": item,
+        "fused": getattr(parts.config, "fused", False),  # U-DiT's inference form
         "sampler": sampler,
         "sampling_steps": sampling_steps,
         "cfg_scale": cfg_scale,

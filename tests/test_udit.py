@@ -15,8 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from scipy.special import erf
 
-from dydit_jax import checkpoint as ckpt_lib
-from dydit_jax import convert, flops, models, parallel, train_lib
+from dydit_jax import convert, flops, models, parallel, sample_lib, train_lib
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
 from dydit_jax.convert import __main__ as convert_cli
@@ -645,48 +644,43 @@ def digits_config(**overrides):
     return config
 
 
-def test_training_on_digits_lowers_the_loss_and_sharding_changes_nothing(tmp_path):
-    # The trainer on 8 devices (data x fsdp x tensor = 2 x 2 x 2): 8 steps, checkpoints at
-    # steps 4 and 8, a sample grid at the end.
-    workdir = str(tmp_path)
-    config = digits_config(
-        num_steps=8, mesh_shape=(2, 2, 2), checkpoint_every_steps=4, sample_every_steps=8
-    )
-    sharded = train_lib.train_and_evaluate(config, workdir)
-    assert int(sharded.step) == 8 and os.path.exists(tmp_path / "grid.png")
-    sub = sharded.params["latent"][0]["sublayers"][0]
-    assert sub["attn"]["to_qkv"]["kernel"].sharding.spec == P("fsdp", "tensor")
-    assert sub["mlp"]["dwconv"][0]["kernel"].sharding.spec == P(None, None, None, "tensor")
-    assert sub["attn"]["logit_scale"].sharding.spec == P("tensor", None, None)
-
-    # One device, from the step-4 checkpoint: steps 5..8 equal the sharded ones; 12 more.
-    one = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+def train_steps(config, mesh, num_steps, keep_at=None, params=None):
+    """(losses, final params, params after `keep_at` steps) of U-DiT steps on digits, from
+    the given initial `params` (host arrays) or the seed-0 initialisation."""
     model_config = train_lib.validate_config(config)
-    source = data_lib.load_source(config)
-    with jax.set_mesh(one):
-        parts = train_lib.build_model(model_config, one, init_params=False)
-        tx = train_lib.make_optimizer(config)
-        ckpt = ckpt_lib.Checkpointer(workdir, create=False)
-        try:
-            _, items, _ = ckpt.restore(train_lib.restore_targets(parts, tx, one), step=4)
-        finally:
-            ckpt.close()
-        state = train_lib.TrainState(jnp.asarray(4, jnp.int32), **items)
-        train_step = train_lib.make_train_step(parts, tx, config, one)
-        batches = data_lib.make_batches(
-            source, global_batch_size=config.global_batch_size, seed=0
+    with jax.set_mesh(mesh):
+        parts = train_lib.build_model(
+            model_config, mesh, seed=0, rules=config.sharding_rules,
+            init_params=params is None,
         )
-        losses = []
-        for i in range(4, 20):
-            state, metrics = train_step(state, parallel.global_batch(batches[i], one))
+        if params is not None:  # skips a second compile of the initialisation
+            parts.params = jax.device_put(params, parts.param_shardings)
+        tx = train_lib.make_optimizer(config)
+        state = train_lib.init_state(parts, tx, mesh)
+        step = train_lib.make_train_step(parts, tx, config, mesh)
+        batches = data_lib.make_batches(
+            data_lib.load_source(config), global_batch_size=config.global_batch_size, seed=0
+        )
+        losses, kept = [], None
+        for i in range(num_steps):
+            state, metrics = step(state, parallel.global_batch(batches[i], mesh))
             losses.append(float(metrics["loss"]))
-            if i + 1 == 8:
-                # Adam turns round-off in near-zero gradients into ~1e-6 steps: atol 1e-5
-                for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
-                                jax.tree.leaves(jax.device_get(sharded.params)), strict=True):
-                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # At initialisation the model outputs zeros (zero final conv): its loss is that of a zero
-    # prediction, about 1 (the noise's variance) plus the vb term, whatever the batch.
+            if i + 1 == keep_at:
+                kept = jax.device_get(state.params)
+    return losses, state.params, kept
+
+
+def test_training_on_digits_lowers_the_loss_and_sharding_changes_nothing():
+    # One device: 16 steps lower the loss. At initialisation the model outputs zeros (zero
+    # final conv): its loss is that of a zero prediction, about 1 (the noise's variance) plus
+    # the vb term, whatever the batch.
+    config = digits_config()
+    one = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    initial_params = jax.device_get(
+        train_lib.build_model(train_lib.validate_config(config), one, seed=0).params
+    )
+    losses, _, after_3 = train_steps(config, one, 16, keep_at=3, params=initial_params)
+    source = data_lib.load_source(config)
     diffusion = diffusion_lib.create_diffusion(None)
     images = jnp.asarray(source.images[:64])
     t = jnp.linspace(0, 999, 64).astype(jnp.int32)
@@ -695,3 +689,40 @@ def test_training_on_digits_lowers_the_loss_and_sharding_changes_nothing(tmp_pat
     initial = float(diffusion.training_losses(zero_fn, images, t, noise)["loss"].mean())
     assert np.isfinite(losses).all()
     assert np.mean(losses[-4:]) < min(np.mean(losses[:3]), 0.5 * initial), (initial, losses)
+
+    # 8 devices (data x fsdp x tensor = 2 x 2 x 2): the same 3 steps, parameters sharded by
+    # the rules.
+    sharded_losses, sharded, _ = train_steps(
+        config, parallel.make_mesh((2, 2, 2)), 3, params=initial_params
+    )
+    np.testing.assert_allclose(sharded_losses, losses[:3], rtol=1e-5)
+    sub = sharded["latent"][0]["sublayers"][0]
+    assert sub["attn"]["to_qkv"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert sub["mlp"]["dwconv"][0]["kernel"].sharding.spec == P(None, None, None, "tensor")
+    assert sub["attn"]["logit_scale"].sharding.spec == P("tensor", None, None)
+    # Adam turns round-off in near-zero gradients into ~1e-6 steps: atol 1e-5
+    for a, b in zip(jax.tree.leaves(after_3), jax.tree.leaves(jax.device_get(sharded)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_runs_the_fused_form(tmp_path):
+    # a training-form workdir samples through the fused form: the same images as a workdir
+    # converted straight to the fused form
+    sd = reference_state_dict(tiny_config())
+    src = tmp_path / "tiny.npz"
+    np.savez(src, **sd)
+    images = {}
+    for form, flags in (("training", []), ("fused", ["--fuse"])):
+        dst = str(tmp_path / form)
+        argv = ["udit", "--src", str(src), "--dst", dst, "--arch", "U-DiT-S",
+                "--input-size", str(INPUT), *flags]
+        assert convert_cli.main(argv) == 0
+        summary = sample_lib.sample_from_workdir(
+            dst, dst, num_samples=4, sampling_steps="2", cfg_scale=2.0, batch_size=4,
+            progress=False,
+        )
+        assert summary["fused"]
+        images[form] = np.load(os.path.join(dst, "samples.npz"))["arr_0"]
+    diff = np.abs(images["training"].astype(int) - images["fused"].astype(int))
+    assert images["fused"].std() > 0 and diff.max() <= 1, diff.max()
