@@ -3,14 +3,23 @@
 from .gaussian import GaussianDiffusion, create_diffusion
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import space_timesteps
-from .samplers import SAMPLERS, classifier_free_guidance, sample_loop, sampler_step
+from .samplers import (
+    SAMPLERS,
+    classifier_free_guidance,
+    combine_guided,
+    guided_inputs,
+    sample_loop,
+    sampler_step,
+)
 
 __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
     "classifier_free_guidance",
+    "combine_guided",
     "create_diffusion",
     "discretized_gaussian_log_likelihood",
+    "guided_inputs",
     "mean_flat",
     "normal_kl",
     "sample_loop",

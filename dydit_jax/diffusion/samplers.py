@@ -107,18 +107,29 @@ def classifier_free_guidance(
     eps channels (guided_channels=3, kept for reproducing published FIDs); None guides all eps
     channels. Remaining channels stay each half's own output; the caller keeps the first half.
     """
-    y = jnp.asarray(y, jnp.int32)
-    labels = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        # As the reference: both halves are evaluated at the FIRST half's x (the second
-        # half's own state is ignored; it would drift away under independent noise).
-        b = x.shape[0] // 2
-        out = apply_fn(jnp.concatenate([x[:b], x[:b]], axis=0), t, labels)
-        g = out.shape[-1] // 2 if guided_channels is None else guided_channels
-        eps, rest = out[..., :g], out[..., g:]
-        cond, uncond = eps[:b], eps[b:]
-        half = uncond + scale * (cond - uncond)
-        return jnp.concatenate([jnp.concatenate([half, half], axis=0), rest], axis=-1)
+        inputs, labels = guided_inputs(x, y, null_label)
+        return combine_guided(apply_fn(inputs, t, labels), scale, guided_channels)
 
     return model_fn
+
+
+def guided_inputs(x: jax.Array, y: jax.Array, null_label: int) -> tuple[jax.Array, jax.Array]:
+    """The network's inputs under guidance: ([x_1; x_1], [y; null]) for a doubled batch x.
+    As the reference, both halves are evaluated at the FIRST half's x (the second half's own
+    state is ignored; it would drift away under independent noise)."""
+    y = jnp.asarray(y, jnp.int32)
+    b = x.shape[0] // 2
+    labels = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
+    return jnp.concatenate([x[:b], x[:b]], axis=0), labels
+
+
+def combine_guided(out: jax.Array, scale: float, guided_channels: int | None) -> jax.Array:
+    """The guided output of both halves from the network's output on `guided_inputs`."""
+    b = out.shape[0] // 2
+    g = out.shape[-1] // 2 if guided_channels is None else guided_channels
+    eps, rest = out[..., :g], out[..., g:]
+    cond, uncond = eps[:b], eps[b:]
+    half = uncond + scale * (cond - uncond)
+    return jnp.concatenate([jnp.concatenate([half, half], axis=0), rest], axis=-1)

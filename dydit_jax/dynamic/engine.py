@@ -174,10 +174,8 @@ class DyDiTEngine:
 
         def embed(params, x, t, labels):
             model = nnx.merge(graphdef, params, buffers)
-            b = labels.shape[0]
             if guided:
-                x = jnp.concatenate([x[:b], x[:b]], axis=0)
-                labels = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
+                x, labels = diffusion_lib.guided_inputs(x, labels, cfg.num_classes)
             tokens, _, c = model.embed_all(x, jnp.full((x.shape[0],), t, jnp.int32), labels)
             return tokens, c
 
@@ -189,15 +187,11 @@ class DyDiTEngine:
         def token_mlp(state, x, mods, capacity):
             return nnx.merge(self.block_graphdef, state).token_mlp(x, mods, capacity)
 
-        def finish(params, tokens, c, x, step, keys, labels):
+        def finish(params, tokens, c, x, step, keys):
             raw = nnx.merge(graphdef, params, buffers).head(tokens, c)
             if guided:
-                model_fn = diffusion_lib.classifier_free_guidance(
-                    lambda *_: raw, labels, cfg.num_classes, self.cfg_scale,
-                    self.guided_channels,
-                )
-            else:
-                model_fn = lambda *_: raw
+                raw = diffusion_lib.combine_guided(raw, self.cfg_scale, self.guided_channels)
+            model_fn = lambda *_: raw
             return diffusion_lib.sampler_step(
                 diffusion, model_fn, x, step, keys, sampler=self.sampler, eta=self.eta
             )
@@ -359,7 +353,7 @@ class DyDiTEngine:
             steps.append(layers)
         step = jnp.int32(0)
         finish = self._compile(
-            ("finish", shape), self._finish, params, tokens, c, x, step, keys, labels
+            ("finish", shape), self._finish, params, tokens, c, x, step, keys,
         )
         program = {"initial": initial, "embed": embed, "finish": finish, "steps": steps}
         self._programs[program_key] = program
@@ -380,7 +374,7 @@ class DyDiTEngine:
                 tokens, mods = attention(attn_state, tokens, c)
                 tokens, block_stats = token_mlp(mlp_state, tokens, mods)
                 stats.append(block_stats)
-            x = finish(params, tokens, c, x, self._steps[s], keys, labels)
+            x = finish(params, tokens, c, x, self._steps[s], keys)
         out = x[: labels.shape[0]]
         # (steps, layers, rows, [selected, overflow]); one transfer after the batch
         stats = np.asarray(jax.device_get(stats)).reshape(*self.selected.shape, -1, 2)
