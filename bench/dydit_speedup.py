@@ -41,7 +41,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dydit_jax import flops, parallel, sample_lib, train_lib  # noqa: E402
-from dydit_jax.diffusion import create_diffusion  # noqa: E402
+from dydit_jax.diffusion import (  # noqa: E402
+    classifier_free_guidance,
+    create_diffusion,
+    sampler_step,
+)
 from dydit_jax.dynamic import DyDiTEngine  # noqa: E402
 from dydit_jax.models import model_config  # noqa: E402
 
@@ -98,19 +102,12 @@ def random_backbone(parts, seed: int):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def token_biases(parts, params, timesteps, token_keep: float, batch: int, seed: int):
+def token_biases(parts, params, inputs, token_keep: float):
     """Per layer, the token-router bias that keeps `token_keep` of the tokens of the DyDiT
-    (its width masks on, earlier layers' token masks applied) on noise at a few of the
-    sampler's timesteps; set layer by layer since each changes what the next one sees."""
+    (its width masks on, earlier layers' token masks applied) on the model inputs
+    `(x, t, y)`; set layer by layer since each changes what the next one sees."""
     model = nnx.merge(parts.graphdef, params, parts.buffers)
-    cfg = parts.config
-    rng = np.random.default_rng(seed)
-    ts = np.asarray(timesteps)[np.linspace(0, len(timesteps) - 1, 4).astype(int)]
-    x = jnp.asarray(rng.standard_normal((len(ts) * batch, cfg.input_size, cfg.input_size,
-                                         cfg.in_channels)), jnp.float32)
-    t = jnp.asarray(np.repeat(ts, batch), jnp.int32)
-    y = jnp.asarray(rng.integers(0, cfg.num_classes, len(t)), jnp.int32)
-    tokens, t_emb, c = jax.jit(model.embed_all)(x, t, y)
+    tokens, t_emb, c = jax.jit(model.embed_all)(*inputs)
     biases = []
     for block in model.blocks:
         head_logits, group_logits = block.width_logits(t_emb)
@@ -125,8 +122,48 @@ def token_biases(parts, params, timesteps, token_keep: float, batch: int, seed: 
     return biases
 
 
-def synthetic_routers(parts, params, ratio: float, token_keep: float, timesteps, seed: int):
+def noise_inputs(cfg, timesteps, batch: int, seed: int):
+    """(x, t, y): Gaussian noise at four of the sampler's timesteps, random labels."""
+    rng = np.random.default_rng(seed)
+    ts = np.asarray(timesteps)[np.linspace(0, len(timesteps) - 1, 4).astype(int)]
+    shape = (len(ts) * batch, cfg.input_size, cfg.input_size, cfg.in_channels)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    t = jnp.asarray(np.repeat(ts, batch), jnp.int32)
+    return x, t, jnp.asarray(rng.integers(0, cfg.num_classes, len(t)), jnp.int32)
+
+
+def trajectory_inputs(parts, params, args, batch: int):
+    """(x, t, y) the masked DyDiT sees at every step of the benchmark's own sampler (DDPM,
+    guidance: both halves), on `batch` images of the benchmark's labels."""
+    cfg = parts.config
+    model = nnx.merge(parts.graphdef, params, parts.buffers)
+    forward = jax.jit(lambda x, t, y: model(x, t, y))
+    seen = []
+
+    def apply_fn(x, t, y):
+        seen.append((x, t, y))
+        return forward(x, t, y)
+
+    diffusion = create_diffusion(args.steps_spec)
+    labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
+    guided = args.cfg_scale != 1.0
+    shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+    x, keys = sample_lib.initial_noise(jax.random.key(args.seed), jnp.arange(batch), shape,
+                                       guided)
+    if guided:
+        model_fn = classifier_free_guidance(apply_fn, labels, cfg.num_classes, args.cfg_scale,
+                                            None)
+    else:
+        model_fn = lambda x, t: apply_fn(x, t, labels)
+    for i in range(diffusion.num_timesteps):
+        step = jnp.asarray(diffusion.num_timesteps - 1 - i, jnp.int32)
+        x = sampler_step(diffusion, model_fn, x, step, keys)
+    return tuple(jnp.concatenate(parts_, axis=0) for parts_ in zip(*seen, strict=True))
+
+
+def synthetic_routers(parts, params, ratio: float, timesteps, args):
     """Router weights for a plan with FLOPs ratio ~`ratio` (see the module docstring)."""
+    token_keep, seed = args.token_keep, args.seed
     cfg = parts.config
     params = jax.tree.map(np.array, params)
     rng = np.random.default_rng(seed)
@@ -154,9 +191,14 @@ def synthetic_routers(parts, params, ratio: float, token_keep: float, timesteps,
             scale = 10.0 / max(np.ptp(proj), 1e-6)
             block[name]["kernel"] = np.repeat(scale * direction[:, None], k, 1).astype(np.float32)
             block[name]["bias"] = (-scale * thresholds).astype(np.float32)
-    # token biases last: the router input depends on the widths just set
-    for layer, bias in enumerate(token_biases(parts, params, timesteps, token_keep, 4, seed)):
-        params["blocks"][layer]["token_fc2"]["bias"] = np.float32([bias])
+    # Token biases last (the router input depends on the widths just set): first on noise,
+    # then on the sampler's own trajectory, which the biases change in turn (a few rounds).
+    inputs = noise_inputs(cfg, timesteps, 4, seed)
+    for round_ in range(1 + args.token_rounds):
+        for layer, bias in enumerate(token_biases(parts, params, inputs, token_keep)):
+            params["blocks"][layer]["token_fc2"]["bias"] = np.float32([bias])
+        if round_ < args.token_rounds:
+            inputs = trajectory_inputs(parts, params, args, batch=4)
     return params
 
 
@@ -245,8 +287,7 @@ def paper_size(args) -> list[dict]:
                 i: jax.device_get(dydit_parts.params["blocks"][i]) | backbone["blocks"][i]
                 for i in backbone["blocks"]
             }
-            routed = synthetic_routers(dydit_parts, full, ratio, args.token_keep, timesteps,
-                                       args.seed)
+            routed = synthetic_routers(dydit_parts, full, ratio, timesteps, args)
             results.append(compare(f"{size} lambda={lam} (target ratio {ratio:.3f})",
                                    dit_parts, backbone, dydit_parts, routed, mesh, args))
     return results
@@ -300,6 +341,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=2, help="timed batches per model")
     p.add_argument("--token_keep", type=float, default=0.8, help="synthetic token routers")
+    p.add_argument("--token_rounds", type=int, default=2,
+                   help="rounds of setting the token biases on the sampler's trajectory")
     p.add_argument("--width_multiple", type=int, default=1)
     p.add_argument("--capacity_margin", type=float, default=0.05)
     p.add_argument("--capacity_multiple", type=int, default=8)
