@@ -1,5 +1,6 @@
 """python -m dydit_jax.convert {dit,dydit,udit} --src FILE --dst DIR [--arch NAME]
     [--input-size N] [--fuse]
+python -m dydit_jax.convert vae --src FILE --dst DIR [--dtype bfloat16]
 
 Converts a reference PyTorch checkpoint (.pt/.pth needs torch; .safetensors; .npz) into a
 workdir that sample.py reads and train.py starts from (`--config.init_from=DIR`).
@@ -18,7 +19,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dydit_jax.convert", description=__doc__.split("\n\n")[1]
     )
-    parser.add_argument("kind", choices=sorted(convert.KINDS), help="model family of --src")
+    parser.add_argument(
+        "kind", choices=sorted([*convert.KINDS, "vae"]),
+        help="model family of --src (vae: the KL-f8 autoencoder; --dst becomes a new "
+        "directory with params.npz and config.json, see convert/vae.py)",
+    )
     parser.add_argument("--src", required=True, help="reference checkpoint file")
     parser.add_argument(
         "--dst", required=True, help="workdir to create (must hold no checkpoints/)"
@@ -36,16 +41,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="udit: write the fused (re-parameterised) inference form instead of the "
         "training form",
     )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None,
+        help="vae: compute dtype recorded in DIR (parameters stay float32; default float32)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.kind == "vae":
+        from dydit_jax.convert import vae
+
+        return vae.main(args)
     try:
         if os.path.exists(os.path.join(os.path.abspath(args.dst), "checkpoints")):
             raise ValueError(f"{args.dst} already holds checkpoints/; pick a new --dst")
         if args.fuse and args.kind != "udit":
             raise ValueError("--fuse applies to U-DiT checkpoints (kind udit) only")
+        if args.dtype is not None:
+            raise ValueError("--dtype applies to VAE checkpoints (kind vae) only")
         state_dict = convert.load_state_dict(args.src)
         options = dict(
             input_size=args.input_size, overrides={"fused": True} if args.fuse else None

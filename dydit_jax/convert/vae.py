@@ -1,0 +1,363 @@
+"""Stable Diffusion KL VAE checkpoints -> this project's VAE parameters (specs/VAE.md).
+
+Three naming forms are accepted and normalised to the current diffusers names first:
+
+- diffusers (`encoder.mid_block.attentions.0.to_q`, `to_out.0`),
+- older diffusers (`attentions.0.query/key/value/proj_attn`),
+- original CompVis/LDM (`encoder.down.{i}.block.{j}`, `nin_shortcut`, `encoder.mid.block_1`,
+  `mid.attn_1.{norm,q,k,v,proj_out}` as 1x1 convs, `norm_out`, `decoder.up.{i}` numbered
+  from the lowest resolution, i.e. in the reverse order of diffusers' `up_blocks`).
+
+Files may wrap the weights in `state_dict` and prefix them `first_stage_model.` (a full LDM /
+Stable Diffusion checkpoint: only those keys are taken); the discriminator of LDM VAE
+training files (`loss.*`) is dropped. Conv weights OIHW become HWIO kernels, linear (out, in)
+weights (in, out) kernels.
+
+    config, params = state_dict_to_params(load_state_dict("diffusion_pytorch_model.bin"))
+    write_vae_dir("vae/ema", config, params)        # read back with dydit_jax.vae.load
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dydit_jax import convert as convert_lib
+from dydit_jax.vae.model import VAEConfig, param_shapes
+
+PARAMS_FILE, CONFIG_FILE = "params.npz", "config.json"
+FORMAT = "dydit-jax-vae/1"
+_ATTN_RENAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LDM_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+             "proj_out": "to_out.0"}
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def select_vae(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The VAE entries of a checkpoint dict: unwrap `state_dict`, take only the
+    `first_stage_model.` keys when there are any (prefix removed), drop `loss.*`."""
+    if isinstance(state_dict.get("state_dict"), Mapping):
+        state_dict = state_dict["state_dict"]
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """The VAE weights of a file (.safetensors, .pt/.pth/.bin/.ckpt, .npz) as float32 numpy
+    arrays by their names in the file (see `select_vae`). A full LDM checkpoint is filtered
+    before conversion to numpy, so its other weights cost no extra memory."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".pt", ".pth", ".bin", ".ckpt"):
+        return select_vae(convert_lib.load_state_dict(path))
+    raw = convert_lib._read_torch(path)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state_dict")
+    state = select_vae(raw)
+    bad = [k for k, v in state.items() if not hasattr(v, "shape")]
+    if bad:
+        raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
+    return {k: convert_lib._to_numpy(v) for k, v in state.items()}
+
+
+# -------------------------------------------------------------------------------- names
+
+
+def _is_ldm(keys) -> bool:
+    return any(re.match(r"(encoder|decoder)\.(down|up|mid)\.", k) for k in keys)
+
+
+def _ldm_to_diffusers(key: str, num_up: int) -> str:
+    """One CompVis/LDM key -> its diffusers name (`num_up`: decoder levels)."""
+    key = re.sub(r"\.nin_shortcut\.", ".conv_shortcut.", key)
+    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.block_([12])\.",
+                 lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.",
+                 lambda m: f"{m[1]}.mid_block.attentions.0.{_LDM_ATTN[m[2]]}.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.conv\.",
+                 r"encoder.down_blocks.\1.downsamplers.0.conv.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.block\.",
+                 lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.conv\.",
+                 lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.",
+                 key)
+    return key
+
+
+def normalize_names(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], str]:
+    """(state_dict by current diffusers names, {diffusers name: original name}, the form
+    read: "diffusers", "diffusers-old" or "ldm"). Attention weights stored as 1x1 convs are
+    squeezed to (out, in)."""
+    state_dict = select_vae(state_dict)
+    if _is_ldm(state_dict):
+        form = "ldm"
+        ups = {int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
+        num_up = max(ups) + 1 if ups else 0
+        rename = lambda k: _ldm_to_diffusers(k, num_up)
+    else:
+        old = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+        form = "diffusers-old" if any(old.search(k) for k in state_dict) else "diffusers"
+        rename = lambda k: old.sub(lambda m: m[1] + _ATTN_RENAMES[m[2]] + ".", k)
+    out, origin = {}, {}
+    for key, value in state_dict.items():
+        new = rename(key)
+        if new in out:
+            raise ValueError(f"keys {origin[new]!r} and {key!r} both map to {new!r}")
+        shape = tuple(np.shape(value))
+        if (re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", new)
+                and len(shape) == 4 and shape[2:] == (1, 1)):
+            value = np.asarray(value).reshape(shape[:2])
+        out[new], origin[new] = value, key
+    return out, origin, form
+
+
+def reference_name(path: tuple) -> str:
+    """The diffusers state_dict key of one of our parameter paths."""
+    parts = []
+    for part in path[:-1]:
+        part = str(part)
+        parts.append({
+            "downsample": "downsamplers.0.conv", "upsample": "upsamplers.0.conv",
+            "attention": "attentions.0", "to_out": "to_out.0",
+        }.get(part, part))
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+    return ".".join([*parts, leaf])
+
+
+def _reference_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
+        return (shape[3], shape[2], shape[0], shape[1])
+    if path[-1] == "kernel":
+        return shape[::-1]
+    return shape
+
+
+def _from_reference(path: tuple, value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value, np.float32)
+    if path[-1] == "kernel" and value.ndim == 4:
+        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    if path[-1] == "kernel":
+        return np.ascontiguousarray(value.T)
+    return value
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def infer_config(state_dict: Mapping[str, Any], **overrides) -> VAEConfig:
+    """VAEConfig from a (normalised, diffusers-named) state_dict's shapes. GroupNorm groups,
+    eps, scaling factor and compute dtype are not stored in weights: defaults or
+    `overrides`."""
+    def need(key: str, ndim: int) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ValueError(f"missing key {key!r}: cannot infer the VAE architecture")
+        shape = tuple(np.shape(state_dict[key]))
+        if len(shape) != ndim:
+            raise ValueError(f"{key} has shape {shape}; expected {ndim} dimensions")
+        return shape
+
+    levels = sorted({int(m[1]) for k in state_dict
+                     if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+    if not levels:
+        raise ValueError("no encoder.down_blocks.{i}.* (or encoder.down.{i}.*) keys: not a "
+                         "KL VAE state_dict")
+    chans = tuple(need(f"encoder.down_blocks.{i}.resnets.0.conv1.weight", 4)[0]
+                  for i in range(max(levels) + 1))
+    resnets = {int(m[1]) for k in state_dict
+               if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
+    fields = dict(
+        in_channels=need("encoder.conv_in.weight", 4)[1],
+        out_channels=need("decoder.conv_out.weight", 4)[0],
+        block_out_channels=chans,
+        layers_per_block=max(resnets) + 1,
+        latent_channels=need("post_quant_conv.weight", 4)[0],
+    )
+    fields.update(overrides)
+    return VAEConfig(**fields)
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    return convert_lib._flatten(tree, prefix)
+
+
+def state_dict_to_params(
+    state_dict: Mapping[str, Any], config: VAEConfig | None = None, **overrides
+) -> tuple[VAEConfig, dict]:
+    """(VAEConfig, params) from a VAE state_dict in any of the three naming forms.
+
+    Without `config` it is inferred from the shapes (`overrides`: norm_num_groups,
+    scaling_factor, dtype, ...). params is a pure nested dict of float32 numpy arrays shaped
+    like `nnx.to_pure_dict(nnx.state(model, nnx.Param))`. Raises ValueError on missing or
+    unexpected keys or a shape mismatch (the first offending key, both shapes)."""
+    state, origin, form = normalize_names(state_dict)
+    if config is None:
+        config = infer_config(state, **overrides)
+    elif overrides:
+        raise ValueError("pass either config or overrides, not both")
+    targets = _flatten(param_shapes(config))
+    names = {path: reference_name(path) for path in targets}
+    expected = set(names.values())
+    show = lambda k: k if origin.get(k, k) == k else f"{origin[k]} (= {k})"
+    missing = sorted(expected - set(state), key=convert_lib._natural)
+    unexpected = sorted(set(state) - expected, key=convert_lib._natural)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {convert_lib._listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {convert_lib._listing([show(k) for k in unexpected])}")
+        raise ValueError(
+            f"VAE checkpoint ({form} names) does not match {config}: " + "; ".join(parts)
+        )
+    for path, struct in targets.items():
+        key = names[path]
+        got, want = tuple(np.shape(state[key])), _reference_shape(path, tuple(struct.shape))
+        if got != want:
+            raise ValueError(
+                f"shape mismatch at {show(key)}: the checkpoint has {got}, the VAE "
+                f"(block_out_channels {config.block_out_channels}, latent_channels "
+                f"{config.latent_channels}) expects {want}"
+            )
+    params = {path: _from_reference(path, state[names[path]]) for path in targets}
+    return config, convert_lib._unflatten(params)
+
+
+# ------------------------------------------------------------------------------- output
+
+
+def _key(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _unkey(key: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in key.split("/"))
+
+
+def check_params(config: VAEConfig, params: Mapping) -> dict[tuple, np.ndarray]:
+    """Flat params, checked against the config's parameter tree (names and shapes)."""
+    shapes = _flatten(param_shapes(config))
+    flat = _flatten(params)
+    missing = sorted(_key(p) for p in set(shapes) - set(flat))
+    extra = sorted(_key(p) for p in set(flat) - set(shapes))
+    if missing or extra:
+        raise ValueError(
+            f"VAE params do not match {config}: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for path, struct in shapes.items():
+        if tuple(np.shape(flat[path])) != tuple(struct.shape):
+            raise ValueError(
+                f"VAE param {_key(path)} has shape {tuple(np.shape(flat[path]))}; the config "
+                f"expects {tuple(struct.shape)}"
+            )
+    return flat
+
+
+def write_vae_dir(dst: str, config: VAEConfig, params: Mapping, *, source: str | None = None
+                  ) -> dict:
+    """Write DST/params.npz (float32, keys "encoder/down_blocks/0/...") and DST/config.json.
+
+    DST must not exist (an empty directory is allowed); the files are written to a temporary
+    sibling directory first and moved into place in one rename, so DST never holds a partial
+    result. Returns the JSON written."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f"{dst} already exists; refusing to overwrite it: pick a new --dst")
+    flat = check_params(config, params)
+    meta = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "param_count": int(sum(np.size(v) for v in flat.values())),
+        "source": source,
+    }
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        np.savez(os.path.join(tmp, PARAMS_FILE),
+                 **{_key(p): np.asarray(v, np.float32) for p, v in flat.items()})
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, dst)  # atomic; fails if DST appeared meanwhile with content
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def read_vae_dir(src: str) -> tuple[VAEConfig, dict]:
+    """(config, params as a pure dict of float32 numpy arrays) of a `write_vae_dir` output."""
+    config_path, params_path = os.path.join(src, CONFIG_FILE), os.path.join(src, PARAMS_FILE)
+    for path in (config_path, params_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} does not exist: {src} is not a converted VAE directory (make one "
+                "with python -m dydit_jax.convert vae --src FILE --dst DIR)"
+            )
+    with open(config_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    config = VAEConfig.from_dict(meta["config"])
+    with np.load(params_path, allow_pickle=False) as f:
+        flat = {_unkey(k): f[k] for k in f.files}
+    check_params(config, convert_lib._unflatten(flat))
+    return config, convert_lib._unflatten(flat)
+
+
+__all__ = [
+    "infer_config", "load_state_dict", "normalize_names", "read_vae_dir", "reference_name",
+    "select_vae", "state_dict_to_params", "write_vae_dir",
+]
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def main(args) -> int:
+    """`python -m dydit_jax.convert vae --src FILE --dst DIR [--dtype bfloat16]` (args parsed
+    by convert/__main__.py)."""
+    import sys
+
+    try:
+        for flag, value in (("--arch", args.arch), ("--input-size", args.input_size),
+                            ("--fuse", args.fuse or None)):
+            if value is not None:
+                raise ValueError(f"{flag} does not apply to kind vae")
+        dst = os.path.abspath(args.dst)
+        if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+            raise ValueError(f"{args.dst} already exists; refusing to overwrite it: pick a "
+                             "new --dst")
+        overrides = {"dtype": args.dtype} if args.dtype else {}
+        config, params = state_dict_to_params(load_state_dict(args.src), **overrides)
+        meta = write_vae_dir(args.dst, config, params, source=os.path.abspath(args.src))
+    except (ValueError, OSError, ImportError, KeyError) as e:
+        msg = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.dst}: KL VAE ({meta['param_count'] / 1e6:.1f}M parameters, "
+        f"block_out_channels {list(config.block_out_channels)}, {config.latent_channels} "
+        f"latent channels, compute dtype {config.dtype}, scaling factor "
+        f"{config.scaling_factor})"
+    )
+    print(f"load: dydit_jax.vae.load({args.dst!r})")
+    return 0
