@@ -3,7 +3,10 @@ r"""Sample from a trained workdir (EMA weights of the latest checkpoint by defau
   python sample.py --workdir=workdirs/digits --out=workdirs/digits/samples --num_samples=100 \
       [--sampling_steps=250 --sampler=ddpm|ddim --cfg_scale=2.0 --seed=0 --labels=0,1,2]
 
-Writes OUT/samples.npz (arr_0: uint8 NHWC images, arr_1: labels) and OUT/grid.png.
+Writes OUT/samples.npz (arr_0: uint8 NHWC images, arr_1: labels; the evaluation suite's
+format), OUT/grid.png and OUT/run.json. Latent models decode with --vae=DIR (written by
+`python -m dydit_jax.convert vae`). Long runs are resumable: finished batches are kept in
+OUT/parts/ and the same command continues where an interrupted run stopped.
 DyDiT checkpoints run the inference engine (dydit_jax/dynamic; --token_capacity,
 --width_multiple; --nodynamic = the masked model) and also write OUT/dynamic.json.
 """
@@ -35,6 +38,9 @@ flags.DEFINE_string(
     "DyDiT engine: tokens per sample and layer through the MLP: calibrate | all | 0.75 | 192.",
 )
 flags.DEFINE_integer("width_multiple", None, "DyDiT engine: round head/group counts up to this.")
+flags.DEFINE_string(
+    "vae", None, "Latent models: decode with this VAE (python -m dydit_jax.convert vae ...)."
+)
 flags.mark_flags_as_required(["workdir", "out"])
 FLAGS = flags.FLAGS
 
@@ -61,6 +67,7 @@ def main(argv):
             dynamic=FLAGS.dynamic,
             token_capacity=FLAGS.token_capacity,
             width_multiple=FLAGS.width_multiple,
+            vae=FLAGS.vae,
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -74,7 +81,11 @@ def main(argv):
             f"{r['compile_seconds']:.1f} s; {r['tokens_overflow']} of {r['tokens_selected']} "
             "selected tokens dropped for capacity"
         )
-    print(f"wrote {summary['num_samples']} samples to {summary['out']} (step {summary['step']})")
+    resumed = summary.get("resumed_with", 0)
+    print(
+        f"wrote {summary['num_samples']} samples to {summary['out']} (step {summary['step']}"
+        + (f"; {resumed} from an interrupted run" if resumed else "") + ")"
+    )
 
 
 if __name__ == "__main__":

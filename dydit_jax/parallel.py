@@ -95,6 +95,21 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     )
 
 
+def global_batch_from_full(full: dict, mesh: Mesh) -> dict:
+    """A global batch from the whole batch held by every process: each process contributes
+    only the rows its devices hold (on one process: all of them)."""
+    sharding = batch_sharding(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        rows = sorted({idx[0].indices(len(x))[:2] for idx in
+                       sharding.addressable_devices_indices_map(x.shape).values()})
+        local = np.concatenate([x[lo:hi] for lo, hi in rows], axis=0)
+        return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+    return jax.tree.map(put, full)
+
+
 # logical axis name -> mesh axis (None: replicated). Names not listed are replicated.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", "fsdp"),

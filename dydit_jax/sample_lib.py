@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -127,29 +129,58 @@ def generate(
     seed: int,
     mesh,
     progress: bool = True,
+    decode: Callable[[jax.Array], jax.Array] | None = None,
 ) -> np.ndarray:
     """Sample len(labels) images in batches; returns float32 (N, H, W, C) on the host.
 
     `batch_sampler(key, indices, labels)`: e.g. `functools.partial(make_batch_sampler(...),
-    params)`, or a `dynamic.DyDiTEngine`.
+    params)`, or a `dynamic.DyDiTEngine`. `decode`: applied to each sampled batch on the
+    devices (e.g. the VAE decoder).
     """
+    batches = iter_batches(
+        batch_sampler, labels, np.arange(len(labels)), batch_size=batch_size, seed=seed,
+        mesh=mesh, progress=progress, decode=decode,
+    )
+    return np.concatenate([x for _, x in batches], axis=0)
+
+
+def iter_batches(
+    batch_sampler: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    labels: np.ndarray,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    mesh,
+    progress: bool = True,
+    decode: Callable[[jax.Array], jax.Array] | None = None,
+):
+    """Yield (image numbers, float32 host images) batch by batch for the image numbers
+    `indices` of a run (labels[k] is the label of image indices[k]); every process gets every
+    batch. Image i depends on (seed, i, its label) only, so any subset and any batch size
+    give the same images."""
     ways = parallel.batch_size_per_step(mesh)
     batch_size = max(ways, math.ceil(batch_size / ways) * ways)
     base = jax.random.key(seed)
-    outputs = []
-    starts = range(0, len(labels), batch_size)
-    bar = tqdm(starts, desc="sampling", unit="batch", disable=not progress)
-    for start in bar:
-        chunk = labels[start : start + batch_size]
-        padded = np.resize(chunk, batch_size).astype(np.int32)  # last batch: pad, then trim
-        rows = {"y": padded, "i": np.arange(start, start + batch_size, dtype=np.int32)}
-        rows = parallel.global_batch(rows, mesh)
+    starts = range(0, len(indices), batch_size)
+    bar = tqdm(total=len(indices), desc="sampling", unit="img", disable=not progress)
+    for start in starts:
+        idx = np.asarray(indices[start : start + batch_size], np.int32)
+        padded = {  # last batch: pad, then trim
+            "y": np.resize(np.asarray(labels[start : start + batch_size]), batch_size),
+            "i": np.resize(idx, batch_size),
+        }
+        rows = parallel.global_batch_from_full(
+            {k: v.astype(np.int32) for k, v in padded.items()}, mesh
+        )
         x = batch_sampler(base, rows["i"], rows["y"])
+        if decode is not None:
+            x = decode(x)
         if jax.process_count() > 1:
             x = multihost_utils.process_allgather(x, tiled=True)
-        outputs.append(np.asarray(jax.device_get(x))[: len(chunk)])
-        bar.set_postfix(images=start + len(chunk))
-    return np.concatenate(outputs, axis=0)
+        bar.update(len(idx))
+        yield idx, np.asarray(jax.device_get(x))[: len(idx)]
+    bar.close()
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
@@ -224,6 +255,136 @@ def inference_form(parts, weights, mesh, rules=None):
     return fused_parts, fuse(weights)
 
 
+class SampleRun:
+    """The files of one sampling run in OUT, so that a long run survives interruption.
+
+    Finished batches go to OUT/parts/part-<first image>-<count>.npz (uint8 images, labels,
+    image numbers), each written atomically; OUT/parts/run.json holds the settings they
+    belong to. A rerun with the same settings samples only the images no part holds (image
+    i depends on (seed, i, label) only, so batch size and device count may change);
+    `finish` assembles OUT/samples.npz (exactly N images, each once), OUT/grid.png and
+    OUT/run.json, then removes the parts. Finished samples are never overwritten: other
+    settings for an OUT that holds them (or holds parts) are refused.
+    """
+
+    PARTS, RUN = "parts", "run.json"
+
+    def __init__(self, out: str, settings: dict):
+        self.out, self.settings = out, json.loads(json.dumps(settings))
+        self.parts_dir = os.path.join(out, self.PARTS)
+        self.writer = jax.process_index() == 0
+
+    def _differences(self, path: str) -> list[str]:
+        try:
+            with open(path) as f:
+                found = json.load(f)["settings"]
+        except (OSError, ValueError, KeyError) as e:
+            return [f"unreadable {path}: {e}"]
+        keys = sorted(set(found) | set(self.settings))
+        return [f"{k}: {found.get(k)!r} there, {self.settings.get(k)!r} now" for k in keys
+                if found.get(k) != self.settings.get(k)]
+
+    def completed(self) -> dict | None:
+        """The summary of a finished run of these settings in OUT (None: not finished);
+        ValueError if OUT holds samples of other settings or of an unknown run."""
+        final = os.path.join(self.out, "samples.npz")
+        if not os.path.exists(final):
+            return None
+        record = os.path.join(self.out, self.RUN)
+        if not os.path.exists(record):
+            raise ValueError(
+                f"{final} exists and is not from a run of sample.py with these settings; "
+                "choose another --out (nothing is overwritten)"
+            )
+        differences = self._differences(record)
+        if differences:
+            raise ValueError(
+                f"{self.out} already holds the samples of another run "
+                f"({'; '.join(differences[:4])}); choose another --out"
+            )
+        with open(record) as f:
+            return json.load(f)["summary"]
+
+    def start(self) -> np.ndarray:
+        """Open (or resume) the run; returns a bool mask over images: True = already done."""
+        record = os.path.join(self.parts_dir, self.RUN)
+        if os.path.exists(record):
+            differences = self._differences(record)
+            if differences:
+                raise ValueError(
+                    f"{self.parts_dir} holds an unfinished run with other settings "
+                    f"({'; '.join(differences[:4])}); resume it with the same flags, or "
+                    "choose another --out"
+                )
+        elif self.writer:
+            os.makedirs(self.parts_dir, exist_ok=True)
+            with _atomic(record) as tmp, open(tmp, "w") as f:
+                json.dump({"settings": self.settings}, f, indent=1)
+        done = np.zeros(self.settings["num_samples"], bool)
+        for _, indices in self._parts():
+            done[indices] = True
+        if jax.process_count() > 1:  # everyone has read the parts before any is written
+            multihost_utils.sync_global_devices("sample-run-start")
+        return done
+
+    def _parts(self):
+        """(path, image numbers) of every finished part."""
+        if not os.path.isdir(self.parts_dir):
+            return
+        for name in sorted(os.listdir(self.parts_dir)):
+            if name.startswith("part-") and name.endswith(".npz"):
+                path = os.path.join(self.parts_dir, name)
+                try:
+                    with np.load(path) as f:
+                        indices = f["indices"]
+                except (OSError, ValueError, KeyError) as e:
+                    raise ValueError(
+                        f"{path} is unreadable ({e}); delete it and run again to resample "
+                        "its images"
+                    ) from e
+                yield path, indices
+
+    def add(self, indices: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        if not self.writer:
+            return
+        path = os.path.join(self.parts_dir, f"part-{int(indices[0]):08d}-{len(indices)}.npz")
+        with _atomic(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels, indices=indices)
+
+    def finish(self, summary: dict, grid_columns: int | None, upscale: int) -> None:
+        """Assemble OUT/samples.npz from the parts, write the grid and OUT/run.json, and
+        remove the parts (process 0; the others wait)."""
+        if self.writer:
+            n = self.settings["num_samples"]
+            images = labels = None
+            seen = np.zeros(n, bool)
+            for path, _ in self._parts():
+                with np.load(path) as f:
+                    part, idx = f["images"], f["indices"]
+                    if images is None:
+                        images = np.zeros((n, *part.shape[1:]), np.uint8)
+                        labels = np.zeros(n, np.int64)
+                    fresh = ~seen[idx]
+                    images[idx[fresh]], labels[idx[fresh]] = part[fresh], f["labels"][fresh]
+                    seen[idx] = True
+            if images is None or not seen.all():
+                missing = n if images is None else int((~seen).sum())
+                raise ValueError(f"{self.parts_dir}: {missing} of {n} images have no part")
+            save_npz(os.path.join(self.out, "samples.npz"), images, labels)
+            grid = make_grid(images[: min(n, grid_count(images.shape[1]))], ncol=grid_columns)
+            save_png(grid, os.path.join(self.out, "grid.png"), upscale=upscale)
+            with _atomic(os.path.join(self.out, self.RUN)) as tmp, open(tmp, "w") as f:
+                json.dump({"settings": self.settings, "summary": summary}, f, indent=1)
+            shutil.rmtree(self.parts_dir)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sample-run-finish")
+
+
+def grid_count(image_size: int) -> int:
+    """Images in the PNG grid: up to 400 small ones, 64 of ImageNet size."""
+    return 400 if image_size <= 64 else 64
+
+
 def sample_from_workdir(
     workdir: str,
     out: str,
@@ -242,15 +403,19 @@ def sample_from_workdir(
     dynamic: bool | None = None,
     token_capacity: str | None = None,
     width_multiple: int | None = None,
+    vae: str | None = None,
 ) -> dict:
     """Load the latest (or given) checkpoint of a training workdir and export samples.
 
     Options left as None take the values of the run's config (`config.sample`). Writes
-    OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels) and OUT/grid.png; returns a summary.
-    U-DiT runs in its fused inference form (`inference_form`).
-    DyDiT checkpoints run the inference engine (dydit_jax/dynamic) unless `dynamic` is
-    False (the masked model); its report (achieved FLOPs ratio, compiles, token overflow)
-    goes into the summary and OUT/dynamic.json.
+    OUT/samples.npz (arr_0 uint8 NHWC, arr_1 labels; the evaluation suite's format),
+    OUT/grid.png and OUT/run.json; returns a summary. `vae`: a directory written by
+    `python -m dydit_jax.convert vae`; latent models' samples are decoded to RGB with it
+    (without it they are exported in model space). Resumable: see `SampleRun`.
+    U-DiT runs in its fused inference form (`inference_form`). DyDiT checkpoints run the
+    inference engine (dydit_jax/dynamic) unless `dynamic` is False (the masked model); its
+    report (achieved FLOPs ratio, compiles, token overflow) goes into the summary and
+    OUT/dynamic.json.
     """
     import ml_collections
 
@@ -280,45 +445,106 @@ def sample_from_workdir(
     engine_opts = train_lib.engine_options(
         sample_cfg, token_capacity=token_capacity, width_multiple=width_multiple
     )
+    decoder = LatentDecoder(vae, model_config) if vae else None
+    item = "ema_params" if use_ema else "params"
+    settings = {
+        "workdir": os.path.abspath(workdir), "step": step, "weights": item,
+        "num_samples": num_samples, "seed": seed, "labels": labels or "balanced",
+        "sampling_steps": str(sampling_steps), "sampler": sampler, "cfg_scale": cfg_scale,
+        "guided_channels": guided_channels, "dynamic": bool(dynamic),
+        "engine": engine_opts if dynamic else None,
+        "vae": os.path.abspath(vae) if vae else None,
+    }
+    run = SampleRun(out, settings)
+    finished = run.completed()
+    if finished is not None:
+        logging.info("%s already holds these samples; nothing to do", out)
+        return finished
+    if config.get("dataset") == "latents" and decoder is None:
+        logging.warning(
+            "this model samples VAE latents; without --vae they are exported in model space, "
+            "not as RGB images (convert a VAE with: python -m dydit_jax.convert vae)"
+        )
+    done = run.start()
+    todo = np.flatnonzero(~done)
 
     mesh = parallel.make_mesh(config.mesh_shape)
-    item = "ema_params" if use_ema else "params"
+    report = None
     with jax.set_mesh(mesh):
-        _, _, parts, weights = train_lib.restore_weights(workdir, mesh, item=item, step=step)
-        parts, weights = inference_form(parts, weights, mesh, config.get("sharding_rules"))
-        options = dict(
-            mesh=mesh, sampling_steps=sampling_steps, sampler=sampler, cfg_scale=cfg_scale,
-            guided_channels=guided_channels,
-        )
-        if dynamic:
-            engine = dynamic_lib.DyDiTEngine(parts, weights, **options, **engine_opts)
-            batch_sampler = engine
-        else:
-            engine = None
-            batch_sampler = functools.partial(make_batch_sampler(parts, **options), weights)
-        images = to_uint8(
-            generate(
-                batch_sampler, label_array, batch_size=batch_size, seed=seed, mesh=mesh,
-                progress=progress,
+        if len(todo):
+            _, _, parts, weights = train_lib.restore_weights(
+                workdir, mesh, item=item, step=step
             )
-        )
-    report = engine.report() if engine is not None else None
-    if jax.process_index() == 0 and report is not None:
-        with _atomic(os.path.join(out, "dynamic.json")) as tmp, open(tmp, "w") as f:
-            json.dump(report | {"plan": engine.plan.summary(engine.width_multiple)}, f, indent=1)
-    if jax.process_index() == 0:
-        save_npz(os.path.join(out, "samples.npz"), images, label_array)
-        ncol = model_config.num_classes if labels in (None, "balanced") else None
-        grid = make_grid(images[: min(len(images), 400)], ncol=ncol)
-        save_png(grid, os.path.join(out, "grid.png"), upscale=grid_upscale(model_config.input_size))
-    return {
+            parts, weights = inference_form(parts, weights, mesh, config.get("sharding_rules"))
+            options = dict(
+                mesh=mesh, sampling_steps=sampling_steps, sampler=sampler,
+                cfg_scale=cfg_scale, guided_channels=guided_channels,
+            )
+            if dynamic:
+                engine = dynamic_lib.DyDiTEngine(parts, weights, **options, **engine_opts)
+                batch_sampler = engine
+            else:
+                engine = None
+                batch_sampler = functools.partial(make_batch_sampler(parts, **options), weights)
+            decode = None
+            if decoder is not None:
+                decode = decoder(mesh)
+            for idx, x in iter_batches(
+                batch_sampler, label_array[todo], todo, batch_size=batch_size, seed=seed,
+                mesh=mesh, progress=progress, decode=decode,
+            ):
+                run.add(idx, to_uint8(x), label_array[idx])
+            report = engine.report() if engine is not None else None
+            if jax.process_index() == 0 and report is not None:
+                with _atomic(os.path.join(out, "dynamic.json")) as tmp, open(tmp, "w") as f:
+                    json.dump(
+                        report | {"plan": engine.plan.summary(engine.width_multiple)}, f,
+                        indent=1,
+                    )
+    summary = {
         "step": step,
         "num_samples": num_samples,
+        "resumed_with": int(done.sum()),
         "out": out,
         "weights": item,
-        "fused": getattr(parts.config, "fused", False),  # U-DiT's inference form
         "sampler": sampler,
         "sampling_steps": sampling_steps,
         "cfg_scale": cfg_scale,
+        "fused": models.fuse_model_params(model_config, {})[0] != model_config,
+        "vae": settings["vae"],
         "dynamic": report,
     }
+    image_size = model_config.input_size * (decoder.factor if decoder else 1)
+    columns = model_config.num_classes if labels in (None, "balanced") else None
+    run.finish(
+        summary, columns if columns is not None and columns <= 20 else None,
+        grid_upscale(image_size),
+    )
+    return summary
+
+
+class LatentDecoder:
+    """The VAE of a `--vae` directory, as `decoder(mesh)` -> a jitted latents -> [-1, 1]
+    RGB function sharded like the samples; `factor` is its upsampling."""
+
+    def __init__(self, path: str, model_config):
+        from dydit_jax import vae as vae_lib
+
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"--vae {path}: no such directory; write one with python -m dydit_jax.convert "
+                "vae --src FILE --dst DIR"
+            )
+        self.model = vae_lib.load(path)
+        latent = self.model.config.latent_channels
+        if latent != model_config.in_channels:
+            raise ValueError(
+                f"--vae {path} has {latent} latent channels but the model samples "
+                f"{model_config.in_channels}; it is not this model's autoencoder"
+            )
+        self.factor = self.model.config.downsample_factor
+
+    def __call__(self, mesh):
+        from dydit_jax import vae as vae_lib
+
+        return vae_lib.ShardedVAE(self.model, mesh).decode_latents

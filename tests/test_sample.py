@@ -1,13 +1,15 @@
 """sample.py: determinism, the .npz format, labels, and clear errors."""
 
+import functools
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from dydit_jax import checkpoint as ckpt_lib
-from dydit_jax import sample_lib, train_lib
+from dydit_jax import parallel, sample_lib, train_lib
 from tests.helpers import run_entry_point, tiny_config
 
 
@@ -67,3 +69,85 @@ def test_bad_labels_are_refused(workdir, tmp_path):
     with pytest.raises(ValueError, match="outside 0..9"):
         sample_lib.sample_from_workdir(workdir, str(tmp_path / "o"), num_samples=2, labels="3,12")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_run_resumes_and_finished_samples_are_kept(workdir, tmp_path, monkeypatch):
+    # batches are multiples of the 8 (fake) devices: 13 images = 8 + 5
+    kwargs = dict(num_samples=13, sampling_steps="5", batch_size=8, seed=3, progress=False)
+    sample_lib.sample_from_workdir(workdir, str(tmp_path / "whole"), **kwargs)
+    out = str(tmp_path / "run")
+    original_add, added = sample_lib.SampleRun.add, []
+
+    def crash_after_one(self, indices, images, labels):
+        if len(added) == 1:
+            raise KeyboardInterrupt  # the kill: one batch is on disk
+        added.append(indices)
+        original_add(self, indices, images, labels)
+
+    monkeypatch.setattr(sample_lib.SampleRun, "add", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        sample_lib.sample_from_workdir(workdir, out, **kwargs)
+    assert not os.path.exists(os.path.join(out, "samples.npz"))
+    assert len([f for f in os.listdir(os.path.join(out, "parts")) if f.endswith(".npz")]) == 1
+    monkeypatch.setattr(sample_lib.SampleRun, "add", original_add)
+    # a rerun with other settings must not mix its images in
+    with pytest.raises(ValueError, match="unfinished run with other settings.*seed"):
+        sample_lib.sample_from_workdir(workdir, out, **(kwargs | {"seed": 4}))
+    # the same command (another batch size is fine) samples only the 5 missing images
+    summary = sample_lib.sample_from_workdir(workdir, out, **(kwargs | {"batch_size": 16}))
+    assert summary["resumed_with"] == 8
+    want, got = (np.load(os.path.join(d, "samples.npz")) for d in (tmp_path / "whole", out))
+    np.testing.assert_array_equal(got["arr_0"], want["arr_0"])
+    np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
+    assert not os.path.exists(os.path.join(out, "parts"))
+    # finished: the same settings do nothing, other settings are refused, nothing changes
+    before = open(os.path.join(out, "samples.npz"), "rb").read()
+    assert sample_lib.sample_from_workdir(workdir, out, **kwargs)["resumed_with"] == 8
+    with pytest.raises(ValueError, match="already holds the samples of another run"):
+        sample_lib.sample_from_workdir(workdir, out, **(kwargs | {"num_samples": 20}))
+    assert open(os.path.join(out, "samples.npz"), "rb").read() == before
+
+
+def test_latent_samples_are_decoded_with_the_vae(workdir, tmp_path):
+    from flax import nnx
+
+    from dydit_jax import vae as vae_lib
+    from dydit_jax.convert import vae as convert_vae
+
+    # a tiny random autoencoder whose latents have the digits model's one channel
+    config = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1,
+                               norm_num_groups=4, latent_channels=1)
+    rng = np.random.default_rng(0)
+    shapes = nnx.to_pure_dict(nnx.state(vae_lib.abstract_model(config), nnx.Param))
+    params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), shapes)
+    convert_vae.write_vae_dir(str(tmp_path / "vae"), config, params)
+    kwargs = dict(num_samples=3, sampling_steps="2", batch_size=4, progress=False)
+    summary = sample_lib.sample_from_workdir(
+        workdir, str(tmp_path / "rgb"), vae=str(tmp_path / "vae"), **kwargs
+    )
+    assert summary["vae"] == str(tmp_path / "vae")
+    rgb = np.load(tmp_path / "rgb" / "samples.npz")["arr_0"]
+    assert rgb.shape == (3, 16, 16, 3) and rgb.dtype == np.uint8  # 8x8 latents, factor 2
+    # = the VAE's decode of the model's own samples
+    mesh = parallel.make_mesh((-1, 1, 1))
+    with jax.set_mesh(mesh):
+        _, run_config, parts, weights = train_lib.restore_weights(workdir, mesh)
+        sampler = sample_lib.make_batch_sampler(
+            parts, mesh=mesh, sampling_steps="2", cfg_scale=run_config.sample.cfg_scale,
+            guided_channels=run_config.sample.guided_channels,
+        )
+    latents = sample_lib.generate(
+        functools.partial(sampler, weights), np.arange(3) % 10, batch_size=8, seed=0,
+        mesh=mesh, progress=False,
+    )
+    decoded = sample_lib.to_uint8(vae_lib.load(str(tmp_path / "vae")).decode_latents(latents))
+    assert np.abs(decoded.astype(int) - rgb).max() <= 1
+    with pytest.raises(ValueError, match="4 latent channels but the model samples 1"):
+        bad = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1,
+                                norm_num_groups=4)
+        shapes = nnx.to_pure_dict(nnx.state(vae_lib.abstract_model(bad), nnx.Param))
+        convert_vae.write_vae_dir(str(tmp_path / "vae4"), bad, jax.tree.map(
+            lambda s: np.zeros(s.shape, np.float32), shapes))
+        sample_lib.sample_from_workdir(
+            workdir, str(tmp_path / "x"), vae=str(tmp_path / "vae4"), **kwargs
+        )
