@@ -376,3 +376,79 @@ def test_cli_converts_a_registry_model(tmp_path):
     assert meta["config"]["model_overrides"] == {}
     proc = run_cli("dit", "--src", str(src), "--dst", str(dst))  # no overwrite
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+
+
+# ------------------------------------------- independent numpy forward of the reference layout
+
+
+def np_pos_embed(d, grid):
+    """specs/DIT.md: the column coordinate fills the first half; [sin, cos]; float64."""
+    omega = 1.0 / 10000 ** (np.arange(d // 4, dtype=np.float64) / (d / 4))
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    half = lambda pos: np.concatenate([np.sin(np.outer(pos, omega)),
+                                       np.cos(np.outer(pos, omega))], axis=1)
+    return np.concatenate([half(cols.ravel()), half(rows.ravel())], axis=1)[None]
+
+
+def np_reference_forward(sd, x, t, y, heads, patch):
+    """The reference DiT (one block) in float64 numpy, NCHW in, NCHW out."""
+    sd = {k: v.astype(np.float64) for k, v in sd.items()}
+    lin = lambda h, name: h @ sd[name + ".weight"].T + sd[name + ".bias"]
+    silu = lambda h: h / (1 + np.exp(-h))
+    ln = lambda h: (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    gelu = lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    b, c_in, size, _ = x.shape
+    g, d = size // patch, sd["pos_embed"].shape[-1]
+    w = sd["x_embedder.proj.weight"].reshape(d, -1)  # (D, C p p), patches (C, p, p)
+    patches = x.reshape(b, c_in, g, patch, g, patch).transpose(0, 2, 4, 1, 3, 5)
+    tokens = patches.reshape(b, g * g, -1) @ w.T + sd["x_embedder.proj.bias"]
+    tokens = tokens + sd["pos_embed"]
+    freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+    args = t[:, None].astype(np.float64) * freqs
+    temb = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    temb = lin(silu(lin(temb, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = temb + sd["y_embedder.embedding_table.weight"][y]
+    mods = np.split(lin(silu(c), "blocks.0.adaLN_modulation.1"), 6, axis=1)
+    modulate = lambda h, shift, scale: ln(h) * (1 + scale[:, None]) + shift[:, None]
+    h = modulate(tokens, mods[0], mods[1])
+    qkv = lin(h, "blocks.0.attn.qkv").reshape(b, g * g, 3, heads, d // heads)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(0, 1, 3, 2) * (d // heads) ** -0.5
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn = attn / attn.sum(-1, keepdims=True)
+    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, g * g, d)
+    tokens = tokens + mods[2][:, None] * lin(out, "blocks.0.attn.proj")
+    h = modulate(tokens, mods[3], mods[4])
+    mlp = lin(gelu(lin(h, "blocks.0.mlp.fc1")), "blocks.0.mlp.fc2")
+    tokens = tokens + mods[5][:, None] * mlp
+    shift, scale = np.split(lin(silu(c), "final_layer.adaLN_modulation.1"), 2, axis=1)
+    out = lin(modulate(tokens, shift, scale), "final_layer.linear")  # (B, N, p p C_out)
+    out = out.reshape(b, g, g, patch, patch, -1).transpose(0, 5, 1, 3, 2, 4)
+    return out.reshape(b, -1, g * patch, g * patch)
+
+
+@pytest.mark.parametrize("size,latent", [("S", 32), ("S", 64), ("XL", 32), ("XL", 64)])
+def test_converted_dit_matches_an_independent_numpy_forward(size, latent):
+    # The reference layout of DiT-{S,XL}/2 at 256 and 512 px, cut to its first block (the
+    # widths, heads, patch and token grid of the real model; one block keeps it small).
+    shapes = reference_shapes("dit", size, 2, latent)
+    rng = np.random.default_rng(0)
+    sd = {k: (rng.normal(0, 1 / np.sqrt(s[-1] if len(s) > 1 else 1), s) if len(s) > 1
+              else rng.normal(0, 0.1, s)).astype(np.float32)
+          for k, s in shapes.items() if not k.startswith("blocks.") or k.startswith("blocks.0.")}
+    d = shapes["pos_embed"][-1]
+    sd["pos_embed"] = np_pos_embed(d, latent // 2).astype(np.float32)
+    heads = {"S": 6, "XL": 16}[size]
+    config, params = convert.state_dict_to_params(
+        "dit", sd, f"DiT-{size}/2", overrides={"depth": 1}
+    )
+    assert (config.hidden_size, config.num_heads, config.input_size) == (d, heads, latent)
+    model = convert.merge_params(config, params)
+    np.testing.assert_allclose(model.pos_embed[...], sd["pos_embed"], atol=1e-6)
+    x = rng.normal(size=(2, 4, latent, latent)).astype(np.float32)
+    t, y = np.array([3, 999]), np.array([1, 1000])
+    want = np_reference_forward(sd, x, t, y, heads, 2)
+    got = np.asarray(jax.jit(lambda *a: model(*a))(
+        jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(y)
+    )).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
