@@ -23,6 +23,12 @@ Record encoding (one ArrayRecord record per example, ``group_size:1``, uncompres
     bytes 8..    the array, C order, little-endian, of the manifest's "shape" and "dtype"
 
 so every record is exactly ``8 + prod(shape) * itemsize`` bytes; any other length is an error.
+
+`write_latent_shards` writes a whole directory from one process. Its two halves are public for
+streamed, resumable or multi-process writers (`dydit_jax.data.extract_latents`): `write_shard`
+(one shard, under a temporary name renamed when complete) and `write_manifest` (labels.npy and
+the manifest, once every shard is in place; `extra` adds fields such as the extraction's
+settings, which readers ignore).
 """
 
 from __future__ import annotations
@@ -115,8 +121,7 @@ def write_latent_shards(
         raise ValueError(f"num_examples={num_examples} but the input holds {total} examples")
     if num_examples < 1:
         raise ValueError("no examples to write")
-    if not 1 <= num_shards <= num_examples:
-        raise ValueError(f"num_shards must be in [1, {num_examples}], got {num_shards}")
+    shard_sizes(num_examples, num_shards)  # checks num_shards
     if dtype is not None and np.dtype(dtype).name not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
 
@@ -133,66 +138,133 @@ def write_latent_shards(
         if _SHARD_RE.fullmatch(name):
             os.remove(os.path.join(out_dir, name))
 
-    sizes = [
-        num_examples // num_shards + (k < num_examples % num_shards) for k in range(num_shards)
-    ]
+    sizes = shard_sizes(num_examples, num_shards)
     it = iter(examples)
     spec: dict = {}
     labels: list[int] = []
     shards = []
     for k, size in enumerate(sizes):
         name = shard_name(k, num_shards)
-        final = os.path.join(out_dir, name)
-        tmp = final + ".tmp"
-        writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
-        try:
-            if not writer.ok():
-                raise OSError(f"cannot open {tmp} for writing")
-            for _ in range(size):
-                try:
-                    example = next(it)
-                except StopIteration:
-                    raise ValueError(
-                        f"the input ran out after {len(labels)} examples; expected {num_examples}"
-                    ) from None
-                label, array = _check_example(example, spec, dtype, len(labels))
-                writer.write(encode_record(label, array))
-                labels.append(label)
-            if not writer.ok():
-                raise OSError(f"the ArrayRecord writer failed on {tmp}")
-            writer.close()
-        except BaseException:
-            try:
-                if writer.is_open():
-                    writer.close()
-            except Exception:  # a failed writer raises on close; keep the first error
-                pass
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        os.replace(tmp, final)
+        labels += write_shard(
+            os.path.join(out_dir, name), it, size, spec=spec, dtype=dtype,
+            first_index=len(labels), expected_total=num_examples,
+        )
         shards.append({"file": name, "num_examples": size})
     if next(it, None) is not None:
         raise ValueError(f"the input holds more than num_examples={num_examples} examples")
+    return write_manifest(out_dir, shards, labels, spec)
 
-    labels_arr = np.asarray(labels, "<i4")
+
+def shard_sizes(num_examples: int, num_shards: int) -> list[int]:
+    """Examples per shard: contiguous runs, the first ``num_examples % num_shards`` shards one
+    longer than the rest (shard k starts at ``sum(sizes[:k])``)."""
+    if not 1 <= num_shards <= num_examples:
+        raise ValueError(f"num_shards must be in [1, {num_examples}], got {num_shards}")
+    return [
+        num_examples // num_shards + (k < num_examples % num_shards) for k in range(num_shards)
+    ]
+
+
+def write_shard(
+    path: str | os.PathLike,
+    examples: Iterable[Mapping],
+    num_examples: int,
+    *,
+    spec: dict,
+    dtype: str | None = None,
+    first_index: int = 0,
+    expected_total: int | None = None,
+) -> list[int]:
+    """Write the next `num_examples` examples of `examples` as one ArrayRecord shard at `path`.
+
+    The shard is written to ``path + ".tmp"`` and renamed to `path` only when complete; on any
+    error (or interruption) the temporary file is removed and `path` is left as it was.
+    Exactly `num_examples` items are taken from the iterator. `spec` ({"kind", "shape",
+    "dtype"}) is filled from the first example when empty and checked against every later one:
+    pass the same dict for all shards of a directory. `first_index` (the examples before this
+    shard) and `expected_total` only shape error messages. Returns the shard's labels.
+    """
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    it = iter(examples)
+    labels: list[int] = []
+    writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+    try:
+        if not writer.ok():
+            raise OSError(f"cannot open {tmp} for writing")
+        for _ in range(num_examples):
+            try:
+                example = next(it)
+            except StopIteration:
+                expected = first_index + num_examples if expected_total is None else expected_total
+                raise ValueError(
+                    f"the input ran out after {first_index + len(labels)} examples; expected "
+                    f"{expected}"
+                ) from None
+            label, array = _check_example(example, spec, dtype, first_index + len(labels))
+            writer.write(encode_record(label, array))
+            labels.append(label)
+        if not writer.ok():
+            raise OSError(f"the ArrayRecord writer failed on {tmp}")
+        writer.close()
+    except BaseException:
+        try:
+            if writer.is_open():
+                writer.close()
+        except Exception:  # a failed writer raises on close; keep the first error
+            pass
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    return labels
+
+
+def write_manifest(
+    out_dir: str | os.PathLike,
+    shards: list[dict],
+    labels: Iterable[int],
+    spec: Mapping,
+    *,
+    num_classes: int | None = None,
+    extra: Mapping | None = None,
+) -> dict:
+    """Write labels.npy and then manifest.json (both atomically) for shards already in place.
+
+    `shards`: ``[{"file": name, "num_examples": n}, ...]`` in example order; `labels`: the
+    labels of all examples in that order; `spec`: {"kind", "shape", "dtype"} of the records.
+    `num_classes` defaults to ``max(label) + 1``; `extra` adds fields to the manifest (a
+    reader ignores fields it does not know). Returns the manifest.
+    """
+    out_dir = os.fspath(out_dir)
+    labels_arr = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels), "<i4")
+    total = sum(int(s["num_examples"]) for s in shards)
+    if labels_arr.shape != (total,):
+        raise ValueError(f"{labels_arr.shape[0]} labels for {total} examples in the shards")
+    if total < 1:
+        raise ValueError("no examples to write")
     _atomic_write(
         os.path.join(out_dir, LABELS_FILE), lambda f: np.save(f, labels_arr, allow_pickle=False)
     )
     manifest = {
         "format": FORMAT,
-        "num_examples": num_examples,
-        "num_shards": num_shards,
-        "shards": shards,
+        "num_examples": total,
+        "num_shards": len(shards),
+        "shards": [{"file": s["file"], "num_examples": int(s["num_examples"])} for s in shards],
         "kind": spec["kind"],
-        "shape": list(spec["shape"]),
-        "dtype": spec["dtype"],
-        "num_classes": int(labels_arr.max()) + 1,
+        "shape": [int(d) for d in spec["shape"]],
+        "dtype": np.dtype(spec["dtype"]).name,
+        "num_classes": int(labels_arr.max()) + 1 if num_classes is None else int(num_classes),
         "labels_file": LABELS_FILE,
         "record": "b'DYL1' + int32 LE label + array bytes (C order, little-endian)",
     }
+    if extra:
+        clash = set(extra) & set(manifest)
+        if clash:
+            raise ValueError(f"extra manifest fields {sorted(clash)} clash with the format's")
+        manifest.update(extra)
     text = json.dumps(manifest, indent=1)
-    _atomic_write(manifest_path, lambda f: f.write(text.encode()))
+    _atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(text.encode()))
     return manifest
 
 
@@ -325,7 +397,7 @@ class LatentSource:
                 raise FileNotFoundError(
                     f"shard {path} listed in {manifest_path} is missing; rewrite the latents"
                 )
-            count = _count_records(path)
+            count = count_records(path)
             if count != expected:
                 raise ValueError(
                     f"shard {path} holds {count} records but {manifest_path} says {expected}; "
@@ -408,7 +480,7 @@ class LatentSource:
         return {self.kind: array, "label": np.int32(label)}
 
 
-def _count_records(path: str) -> int:
+def count_records(path: str) -> int:
     """The shard's record count; ValueError naming it when ArrayRecord cannot read it."""
     problem = None
     try:
