@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dydit_jax import parallel
 from dydit_jax.models import layers
 
 # depth, hidden size, heads of the paper's four sizes (specs/DIT.md).
@@ -120,13 +121,14 @@ class DiTBlock(nnx.Module):
         """x + gate_msa * Attn(modulate(LN(x))); `mods` = the six adaLN chunks of c."""
         shift, scale, gate = mods[:3]
         h = self.attn(layers.modulate(layers.layer_norm(x), shift, scale), head_mask)
-        return x + gate[:, None, :] * h
+        return x + gate[:, None, :] * parallel.batch_constrained(h)
 
     def mlp_branch(
         self, x: jax.Array, mods: list[jax.Array], group_mask: jax.Array | None = None
     ) -> jax.Array:
         """MLP(modulate(LN(x))) before its gate; x may hold any subset of the tokens."""
-        return self.mlp(layers.modulate(layers.layer_norm(x), mods[3], mods[4]), group_mask)
+        h = self.mlp(layers.modulate(layers.layer_norm(x), mods[3], mods[4]), group_mask)
+        return parallel.batch_constrained(h)
 
 
 class DiT(nnx.Module):
@@ -202,11 +204,13 @@ class DiT(nnx.Module):
             apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
         if self.config.scan_blocks:
             graphdef, stacked = nnx.split(self.blocks)
-            body = lambda h, block_state: (apply(graphdef, block_state, h), None)
+            body = lambda h, block_state: (
+                parallel.batch_constrained(apply(graphdef, block_state, h)), None
+            )
             return jax.lax.scan(body, tokens, stacked)[0]
-        for block in self.blocks:
+        for block in self.blocks:  # pinned: see parallel.batch_constrained
             graphdef, block_state = nnx.split(block)
-            tokens = apply(graphdef, block_state, tokens)
+            tokens = parallel.batch_constrained(apply(graphdef, block_state, tokens))
         return tokens
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:

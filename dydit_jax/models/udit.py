@@ -439,26 +439,11 @@ class UDiTSubLayer(nnx.Module):
         return x + _per_sample(gate_f) * batch_sharded(self.mlp(_modulate(x, shift_f, scale_f)))
 
 
-def batch_sharded(x: jax.Array) -> jax.Array:
-    """Pin an activation to the trainer's batch sharding (rows over ('data', 'fsdp'), the
-    rest replicated) when a mesh with those axes is active and divides the batch; a no-op
-    otherwise.
-
-    Why: left to sharding propagation, XLA's SPMD partitioner (jax 0.10.2) miscompiles this
-    U-Net on a data x fsdp x tensor mesh (2 x 2 x 2 CPU devices): at initialisation (zero
-    gates) the gradients of everything before the first upsampling came out wrong while the
-    loss was exact (checked against finite differences). Pinning the blocks' inputs and
-    outputs and the sub-layers' branch outputs fixes that case (tests/test_udit.py compares
-    2 x 2 x 2 with one device); it is also the Megatron layout (activations replicated over
-    'tensor' after the row-parallel projections). Not every case: with 4 tokens per sample
-    at the 1/4-resolution stage (8x8 inputs) some gradients stay wrong on that mesh --
-    `((x @ V) @ W) * (c @ K)[:, None]` alone, x of shape (16, 4, 64), reproduces the bug."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(parallel.BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    if x.shape[0] % math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES):
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
+# Pinned activations (see parallel.batch_constrained): on a 2 x 2 x 2 mesh XLA's SPMD
+# partitioner otherwise gets U-DiT's gradients before the first upsampling wrong. Not every
+# case is fixed: with 4 tokens per sample at the 1/4-resolution stage (8x8 inputs) some
+# gradients stay wrong on that mesh (tests/test_udit.py trains at 16x16).
+batch_sharded = parallel.batch_constrained
 
 
 def _per_sample(v: jax.Array) -> jax.Array:
