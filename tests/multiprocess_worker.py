@@ -1,8 +1,9 @@
 """One process of the multi-process training test (started by tests/test_multiprocess.py).
 
 Env: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, XLA_FLAGS (local devices).
-Args: CONFIG_JSON OUT_DIR. Writes OUT_DIR/indices_<pid>.json (examples this process read)
-and, on process 0, OUT_DIR/params.npz (final parameters).
+Args: CONFIG_JSON OUT_DIR. Writes OUT_DIR/indices_<pid>.json (examples this process read),
+on process 0 OUT_DIR/params.npz (final parameters), and then samples 12 images from the
+workdir with both processes into OUT_DIR/samples.
 """
 
 import json
@@ -18,7 +19,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dydit_jax import data as data_lib  # noqa: E402
-from dydit_jax import train_lib  # noqa: E402
+from dydit_jax import sample_lib, train_lib  # noqa: E402
 from tests.helpers import CountingSource  # noqa: E402
 
 
@@ -44,6 +45,10 @@ def main(config_json: str, out_dir: str) -> None:
     }
     if pid == 0:
         np.savez(os.path.join(out_dir, "params.npz"), **flat)
+    sample_lib.sample_from_workdir(
+        os.path.join(out_dir, "workdir"), os.path.join(out_dir, "samples"), num_samples=12,
+        sampling_steps="2", batch_size=8, progress=False,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import portpicker
 
 from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
-from dydit_jax import train_lib
+from dydit_jax import sample_lib, train_lib
 from tests.helpers import REPO, tiny_config
 
 
@@ -81,6 +81,17 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_array_equal(got.reshape(-1), expected)
     saved = ckpt_lib.Checkpointer(str(tmp_path / "multi" / "workdir"), create=False)
     assert saved.latest_step() == 3
+
+    # sampling with both processes (each feeds its own rows) = sampling with one
+    sample_lib.sample_from_workdir(
+        str(tmp_path / "single"), str(tmp_path / "single_samples"), num_samples=12,
+        sampling_steps="2", batch_size=8, progress=False,
+    )
+    want = np.load(tmp_path / "single_samples" / "samples.npz")
+    got = np.load(tmp_path / "multi" / "samples" / "samples.npz")
+    np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
+    assert got["arr_0"].shape == want["arr_0"].shape == (12, 4, 4, 4)
+    assert np.abs(got["arr_0"].astype(int) - want["arr_0"]).max() <= 1
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
