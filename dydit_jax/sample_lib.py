@@ -510,7 +510,7 @@ def sample_from_workdir(
         "sampler": sampler,
         "sampling_steps": sampling_steps,
         "cfg_scale": cfg_scale,
-        "fused": models.fuse_model_params(model_config, {})[0] != model_config,
+        "fused": getattr(models.fuse_model_params(model_config, {})[0], "fused", False),
         "vae": settings["vae"],
         "dynamic": report,
     }
