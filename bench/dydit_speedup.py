@@ -15,13 +15,16 @@ A trained digits DyDiT against its own backbone run as a DiT (routers off):
   python bench/dydit_speedup.py --workdir=workdirs/dydit_digits --steps=50 --batch=100
 
 Synthetic routers: for a target FLOPs ratio r (from the paper's GFLOPs at lambda 0.7 / 0.5,
-e.g. DyDiT-B 16.28 / 11.90 of DiT-B's 23.02, converted with flops.dynamic_macs), every token
-router gets a bias that keeps a fraction `--token_keep` of the tokens (measured on the
-backbone's own activations), and the width routers of every layer read one random direction
-of the timestep embedding: head h of layer l is on at a fraction q_lh of the sampler's
-timesteps (the highest projections), the q_lh spread evenly by +-0.3 around the width
-fraction that makes the whole plan's FLOPs ratio r. So the active width changes from step to
-step and from layer to layer, as a trained DyDiT's does.
+e.g. DyDiT-B 16.28 / 11.90 of DiT-B's 23.02, converted with flops.dynamic_macs), the width
+routers of every layer read one random direction of the timestep embedding: head h of layer
+l is on at a fraction q_lh of the sampler's timesteps (the highest projections), the q_lh
+spread evenly by +-0.3 around a mean that is corrected until the width plan's own FLOPs
+ratio is w = r / (a + (1 - a) k) (a: attention's share of a block's FLOPs, k =
+`--token_keep`). So the active width changes from step to step and from layer to layer, as
+a trained DyDiT's does. Then every token router gets the bias that keeps a fraction k of
+the tokens, layer by layer (each changes what the next one sees), first on noise and then
+on the inputs the model sees along the benchmark's own sampler trajectory, which the biases
+change in turn (`--token_rounds` rounds). The achieved ratio then lands within a few % of r.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from dydit_jax.diffusion import (  # noqa: E402
     sampler_step,
 )
 from dydit_jax.dynamic import DyDiTEngine  # noqa: E402
+from dydit_jax.dynamic.plan import width_plan  # noqa: E402
 from dydit_jax.models import model_config  # noqa: E402
 
 # The DyDiT paper's GFLOPs (ImageNet 256, specs/DYDIT.md) per size and lambda.
@@ -176,21 +180,22 @@ def synthetic_routers(parts, params, ratio: float, timesteps, args):
     t_emb = np.asarray(model.t_embedder(jnp.asarray(timesteps, jnp.int32)), np.float64)
     k = cfg.num_router_logits
     always_on = cfg.num_heads - k  # head/group 0 in the training release's layout
-    # fractions of the routed heads so that (always_on + sum q) / H = width
-    routed_mean = np.clip((width * cfg.num_heads - always_on) / k, 0, 1)
-    for block in params["blocks"].values():
-        for name in ("attn_rate", "mlp_rate"):
-            direction = rng.standard_normal(cfg.hidden_size)
-            proj = t_emb @ direction
-            order = np.sort(proj)
-            fractions = rng.permutation(spread_fractions(routed_mean, k))
-            # on iff proj > threshold; thresholds halfway between trajectory values
-            cut = np.clip(np.round((1 - fractions) * len(order)).astype(int), 0, len(order))
-            padded = np.concatenate([[order[0] - 1.0], order, [order[-1] + 1.0]])
-            thresholds = (padded[cut] + padded[cut + 1]) / 2
-            scale = 10.0 / max(np.ptp(proj), 1e-6)
-            block[name]["kernel"] = np.repeat(scale * direction[:, None], k, 1).astype(np.float32)
-            block[name]["bias"] = (-scale * thresholds).astype(np.float32)
+    draws = [(rng.standard_normal(cfg.hidden_size), rng.permutation(k), rng.uniform(-.5, .5, k))
+             for _ in range(2 * cfg.depth)]
+    # Few sampler steps quantise each router's on-fraction (to 1/steps; a random rounding
+    # offset per router smooths the mean): bisect the mean for the intended width.
+    def plan_ratio(routed_mean):
+        on_heads, on_groups = set_width_routers(params, t_emb, draws, routed_mean, k)
+        heads, groups = ((always_on + k * on) / cfg.num_heads for on in (on_heads, on_groups))
+        return attn_frac * heads + (1 - attn_frac) * groups
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if plan_ratio(mid) < width else (lo, mid)
+    expected = plan_ratio(hi)
+    got = width_plan(parts.graphdef, params, parts.buffers, cfg, timesteps).flops_ratio()
+    assert abs(got - expected) < 1e-6, (got, expected)  # the routers do what was planned
     # Token biases last (the router input depends on the widths just set): first on noise,
     # then on the sampler's own trajectory, which the biases change in turn (a few rounds).
     inputs = noise_inputs(cfg, timesteps, 4, seed)
@@ -200,6 +205,33 @@ def synthetic_routers(parts, params, ratio: float, timesteps, args):
         if round_ < args.token_rounds:
             inputs = trajectory_inputs(parts, params, args, batch=4)
     return params
+
+
+def set_width_routers(params, t_emb, draws, routed_mean: float, k: int) -> float:
+    """Each block's head and group routers read one random direction of the timestep
+    embedding; router j is on at a fraction q_j of the sampler's timesteps (the highest
+    projections), the q_j spread around `routed_mean` (module docstring). Returns the
+    realised mean on-fractions of the routed heads and of the routed groups."""
+    blocks = [block[name] for block in params["blocks"].values()
+              for name in ("attn_rate", "mlp_rate")]
+    on = {"attn_rate": [], "mlp_rate": []}
+    names = [name for _ in params["blocks"] for name in ("attn_rate", "mlp_rate")]
+    for name, router, (direction, order_of_fractions, jitter) in zip(
+        names, blocks, draws, strict=True
+    ):
+        proj = t_emb @ direction
+        order = np.sort(proj)
+        fractions = spread_fractions(routed_mean, k)[order_of_fractions]
+        # on iff proj > threshold; thresholds halfway between trajectory values
+        cut = np.round((1 - fractions) * len(order) + jitter).astype(int)
+        cut = np.clip(cut, 0, len(order))
+        on[name].append(1 - cut / len(order))
+        padded = np.concatenate([[order[0] - 1.0], order, [order[-1] + 1.0]])
+        thresholds = (padded[cut] + padded[cut + 1]) / 2
+        scale = 10.0 / max(np.ptp(proj), 1e-6)
+        router["kernel"] = np.repeat(scale * direction[:, None], k, 1).astype(np.float32)
+        router["bias"] = (-scale * thresholds).astype(np.float32)
+    return float(np.mean(on["attn_rate"])), float(np.mean(on["mlp_rate"]))
 
 
 def time_batch(fn, *args) -> float:
