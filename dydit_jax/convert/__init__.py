@@ -375,6 +375,20 @@ def _from_reference(path: tuple, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def key_mismatch(expected, found, show=lambda key: key) -> list[str]:
+    """["missing keys: ...", "unexpected keys: ..."] (only those that apply; naturally
+    sorted, shortened) for a state_dict whose keys `found` should be `expected`; `show`
+    renders an unexpected key (e.g. with the file's own name)."""
+    missing = sorted(set(expected) - set(found), key=_natural)
+    unexpected = sorted(set(found) - set(expected), key=_natural)
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_listing([show(k) for k in unexpected])}")
+    return parts
+
+
 def _listing(keys: list[str], limit: int = 8) -> str:
     more = f" ... ({len(keys)} in all)" if len(keys) > limit else f" ({len(keys)})"
     return ", ".join(keys[:limit]) + more
@@ -425,16 +439,10 @@ def state_dict_to_params(
     targets = _flatten(param_shapes(config))
     names = {path: reference_name(path) for path in targets}
     expected = {*names.values(), "pos_embed"}
-    missing = sorted(expected - set(state_dict), key=_natural)
-    unexpected = sorted(set(state_dict) - expected, key=_natural)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-            if kind == "dit" and any("_rate.router" in k for k in unexpected):
-                parts.append("(router keys: is this a DyDiT checkpoint? use kind 'dydit')")
+    parts = key_mismatch(expected, state_dict)
+    if parts:
+        if kind == "dit" and any("_rate.router" in k for k in set(state_dict) - expected):
+            parts.append("(router keys: is this a DyDiT checkpoint? use kind 'dydit')")
         raise ValueError(f"{KINDS[kind]} checkpoint does not match {config}: " + "; ".join(parts))
     want_pos = (1, config.num_tokens, config.hidden_size)
     checks = [("pos_embed", want_pos)] + [

@@ -216,14 +216,8 @@ def state_dict_to_params(
     )
     targets = base._flatten(base.param_shapes(config))
     names = {path: reference_name(path) for path in targets}
-    missing = sorted(set(names.values()) - set(state_dict), key=base._natural)
-    unexpected = sorted(set(state_dict) - set(names.values()), key=base._natural)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {base._listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {base._listing(unexpected)}")
+    parts = base.key_mismatch(names.values(), state_dict)
+    if parts:
         raise ValueError(f"U-DiT checkpoint does not match {config}: " + "; ".join(parts))
     for path, struct in targets.items():
         key = names[path]

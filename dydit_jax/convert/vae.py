@@ -138,23 +138,6 @@ def reference_name(path: tuple) -> str:
     return ".".join([*parts, leaf])
 
 
-def _reference_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
-        return (shape[3], shape[2], shape[0], shape[1])
-    if path[-1] == "kernel":
-        return shape[::-1]
-    return shape
-
-
-def _from_reference(path: tuple, value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value, np.float32)
-    if path[-1] == "kernel" and value.ndim == 4:
-        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-    if path[-1] == "kernel":
-        return np.ascontiguousarray(value.T)
-    return value
-
-
 # ----------------------------------------------------------------------------- inference
 
 
@@ -215,27 +198,22 @@ def state_dict_to_params(
     names = {path: reference_name(path) for path in targets}
     expected = set(names.values())
     show = lambda k: k if origin.get(k, k) == k else f"{origin[k]} (= {k})"
-    missing = sorted(expected - set(state), key=convert_lib._natural)
-    unexpected = sorted(set(state) - expected, key=convert_lib._natural)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {convert_lib._listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {convert_lib._listing([show(k) for k in unexpected])}")
+    parts = convert_lib.key_mismatch(expected, state, show)
+    if parts:
         raise ValueError(
             f"VAE checkpoint ({form} names) does not match {config}: " + "; ".join(parts)
         )
     for path, struct in targets.items():
         key = names[path]
-        got, want = tuple(np.shape(state[key])), _reference_shape(path, tuple(struct.shape))
+        got = tuple(np.shape(state[key]))
+        want = convert_lib._reference_shape(path, tuple(struct.shape))
         if got != want:
             raise ValueError(
                 f"shape mismatch at {show(key)}: the checkpoint has {got}, the VAE "
                 f"(block_out_channels {config.block_out_channels}, latent_channels "
                 f"{config.latent_channels}) expects {want}"
             )
-    params = {path: _from_reference(path, state[names[path]]) for path in targets}
+    params = {path: convert_lib._from_reference(path, state[names[path]]) for path in targets}
     return config, convert_lib._unflatten(params)
 
 
