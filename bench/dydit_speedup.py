@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import sys
 import time
 
@@ -43,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.common import machine  # noqa: E402
 from dydit_jax import flops, parallel, sample_lib, train_lib  # noqa: E402
 from dydit_jax.diffusion import (  # noqa: E402
     classifier_free_guidance,
@@ -60,15 +60,6 @@ PAPER_GFLOPS = {
     "XL/2": {1.0: 118.69, 0.7: 84.33, 0.5: 57.88},
 }
 WIDTH_SPREAD = 0.3
-
-
-def machine() -> str:
-    devices = jax.devices()
-    return (
-        f"{platform.node()} | {platform.processor() or platform.machine()} | "
-        f"{os.cpu_count()} CPU cores | {len(devices)} x {devices[0].device_kind} "
-        f"({devices[0].platform}) | jax {jax.__version__}"
-    )
 
 
 def target_ratio(config, size: str, lam: float) -> float:

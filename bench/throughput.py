@@ -77,7 +77,6 @@ import argparse
 import ast
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -88,6 +87,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.common import machine  # noqa: E402
 from dydit_jax import flops, models, parallel, sample_lib, train_lib  # noqa: E402
 
 LATENT_SIZE, LATENT_CHANNELS, NUM_CLASSES = 32, 4, 1000  # ImageNet 256px through the KL-f8 VAE
@@ -116,15 +116,6 @@ COLUMNS = (
     "lower s", "compile s", "mem GiB", "GMACs/img", "XLA GFLOP/img", "XLA/2MAC", "MFU",
     "command",
 )
-
-
-def machine() -> str:
-    devices = jax.devices()
-    return (
-        f"{platform.node()} | {platform.processor() or platform.machine()} | "
-        f"{os.cpu_count()} CPU cores | {len(devices)} x {devices[0].device_kind} "
-        f"({devices[0].platform}) | jax {jax.__version__}"
-    )
 
 
 def peak_tflops(device_kind: str, dtype: str, override: float | None) -> tuple[float | None, str]:
