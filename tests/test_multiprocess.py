@@ -45,8 +45,9 @@ def test_two_processes_match_one(tmp_path):
             os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
             JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(pid),
-            XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-            "--xla_cpu_collective_call_terminate_timeout_seconds=900",
+            XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
+                "xla_force_host_platform_device_count=8", "xla_force_host_platform_device_count=2"
+            ),
         )
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),

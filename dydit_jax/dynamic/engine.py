@@ -133,6 +133,12 @@ class DyDiTEngine:
         )
         self._rows = parallel.batch_sharding(mesh)
         self._rep = parallel.replicated(mesh)
+        # XLA:CPU with several (fake) devices deadlocks when too many small programs are
+        # queued ahead: each queued launch holds one of a device's in-flight slots (32) and a
+        # launch that finds none blocks a thread of the pool the next collective needs. So on
+        # a multi-device CPU mesh the loop waits every `_pace_every` calls; GPUs/TPUs don't.
+        cpu_mesh = mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
+        self._pace_every = 8 if cpu_mesh else 0
         self._build_functions()
         self._slice_weights()
         self.compiled: dict[tuple, Any] = {}
@@ -336,6 +342,10 @@ class DyDiTEngine:
             attn_state, tokens, c,
         )
         _, mods = example_attention(attn_state, tokens, c)
+        # These example runs carry collectives (guidance concatenates the halves across the
+        # batch shards); finish them before sampling dispatches its own: XLA:CPU can deadlock
+        # when two independent programs with collectives are in flight at once.
+        jax.block_until_ready((x, keys, tokens, mods))
         steps = []
         for s in range(self.plan.num_steps):
             layers = []
@@ -370,12 +380,20 @@ class DyDiTEngine:
         stats = []
         for s in range(self.plan.num_steps):
             tokens, c = embed(params, x, self._timesteps[s], labels)
-            for attention, attn_state, token_mlp, mlp_state in program["steps"][s]:
+            for layer, (attention, attn_state, token_mlp, mlp_state) in enumerate(
+                program["steps"][s]
+            ):
                 tokens, mods = attention(attn_state, tokens, c)
                 tokens, block_stats = token_mlp(mlp_state, tokens, mods)
                 stats.append(block_stats)
+                if self._pace_every and layer % (self._pace_every // 2) == 0:
+                    tokens.block_until_ready()
             x = finish(params, tokens, c, x, self._steps[s], keys)
-        out = x[: labels.shape[0]]
+            if self._pace_every:
+                x.block_until_ready()
+        # Wait for the batch: the timing covers all of it, and no program with collectives
+        # is left in flight when the caller dispatches another (see `prepare`).
+        out = jax.block_until_ready(x[: labels.shape[0]])
         # (steps, layers, rows, [selected, overflow]); one transfer after the batch
         stats = np.asarray(jax.device_get(stats)).reshape(*self.selected.shape, -1, 2)
         self.selected += stats[..., 0].sum(-1)
