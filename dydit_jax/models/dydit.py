@@ -127,11 +127,19 @@ class DyDiTBlock(DiTBlock):
         if capacity >= n:  # every token fits: a mask is cheaper than gather + scatter
             x = x + gate * selected[..., None].astype(x.dtype) * self.mlp_branch(x, mods)
         elif capacity > 0:
-            scores, index = jax.lax.top_k(logits, capacity)  # (B, capacity), best first
+            order = jnp.argsort(-logits, axis=-1, stable=True)  # best first
+            index = order[:, :capacity]
+            scores = jnp.take_along_axis(logits, index, axis=1)
             keep = (scores > 0)[..., None].astype(x.dtype)
             rows = jnp.take_along_axis(x, index[..., None], axis=1)
             update = gate * keep * self.mlp_branch(rows, mods)
-            x = jax.vmap(lambda xb, i, u: xb.at[i].add(u, unique_indices=True))(x, index, update)
+            # Back to token order with a gather, not a scatter-add (a serial loop on CPU,
+            # atomics on GPU): token n reads its row of the update, or a zero row if it
+            # did not run.
+            rank = jnp.argsort(order, axis=-1)
+            update = jnp.concatenate([update, jnp.zeros_like(update[:, :1])], axis=1)
+            back = jnp.minimum(rank, capacity)[..., None]
+            x = x + jnp.take_along_axis(update, back, axis=1)
         overflow = jnp.maximum(count - min(capacity, n), 0)
         return x, jnp.stack([count, overflow], axis=-1)
 
