@@ -345,7 +345,8 @@ def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) 
                          width_multiple=args.width_multiple, capacity="calibrate",
                          capacity_margin=args.capacity_margin,
                          capacity_multiple=args.capacity_multiple,
-                         capacity_step_buckets=args.capacity_step_buckets, **options)
+                         capacity_step_buckets=args.capacity_step_buckets,
+                         mlp_shape_budget=args.mlp_shape_budget, **options)
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     rows = parallel.global_batch({"i": np.arange(args.batch, dtype=np.int32), "y": labels}, mesh)
     result = run_variant(name, dit_fn, engine, rows, args.repeats, args.batch, cfg)
@@ -370,6 +371,8 @@ def main(argv=None) -> None:
     p.add_argument("--capacity_margin", type=float, default=0.05)
     p.add_argument("--capacity_multiple", type=int, default=8)
     p.add_argument("--capacity_step_buckets", type=int, default=4)
+    p.add_argument("--mlp_shape_budget", type=int, default=16,
+                   help="most (groups, capacity) token-MLP shapes compiled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="B/2, lambda 0.5, 4 steps, 1 repeat")
     args = p.parse_args(argv)

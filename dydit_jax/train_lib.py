@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
             token_capacity="calibrate",  # calibrate | all | fraction (0.75) | count (192)
             capacity_margin=0.1,  # calibrated capacity = most selected * (1 + margin)
             capacity_step_buckets=1,  # separate capacities for this many step ranges
+            mlp_shape_budget=16,  # at most this many (groups, capacity) MLP shapes compiled
         )
     )
     # --- bookkeeping
@@ -152,10 +153,13 @@ def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:
     """The DyDiT engine's options from `config.sample` (defaults for runs that predate them),
     with non-None `overrides` (command-line flags); raises ValueError on bad values."""
     defaults = base_config().sample
-    names = ("width_multiple", "token_capacity", "capacity_margin", "capacity_step_buckets")
+    names = (
+        "width_multiple", "token_capacity", "capacity_margin", "capacity_step_buckets",
+        "mlp_shape_budget",
+    )
     opts = {name: sample.get(name, defaults[name]) for name in names}
     opts |= {k: v for k, v in overrides.items() if v is not None}
-    for name in ("width_multiple", "capacity_step_buckets"):
+    for name in ("width_multiple", "capacity_step_buckets", "mlp_shape_budget"):
         if int(opts[name]) < 1:
             raise ValueError(f"config.sample.{name} must be >= 1, got {opts[name]}")
     if not float(opts["capacity_margin"]) >= 0:
@@ -167,6 +171,7 @@ def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:
         "capacity": dynamic.parse_capacity(opts["token_capacity"]),
         "capacity_margin": float(opts["capacity_margin"]),
         "capacity_step_buckets": int(opts["capacity_step_buckets"]),
+        "mlp_shape_budget": int(opts["mlp_shape_budget"]),
     }
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 from dydit_jax import flops, parallel, sample_lib, train_lib
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.dynamic import DyDiTEngine, parse_capacity, width_plan
+from dydit_jax.dynamic.plan import merge_shapes
 from dydit_jax.models import model_config
 from tests.helpers import run_entry_point, tiny_config
 
@@ -150,6 +151,49 @@ def test_calibration_sets_capacities_that_do_not_overflow_on_its_batch():
         engine(*batch(mesh))
         assert engine.report()["tokens_overflow"] > 0
         assert engine.report()["achieved_flops_ratio"] <= engine.plan.flops_ratio(0.25) + 1e-9
+
+
+def test_a_shape_budget_bounds_the_compiles_and_keeps_the_samples():
+    parts, params, mesh = random_dydit(seed=3)
+    with jax.set_mesh(mesh):
+        exact = DyDiTEngine(parts, params, mesh=mesh, sampling_steps=STEPS, capacity=None)
+        want = exact(*batch(mesh))
+        capacity = np.maximum(exact._last_max, 1)  # every selected token fits
+        engine = DyDiTEngine(parts, params, mesh=mesh, sampling_steps=STEPS,
+                             capacity=capacity, capacity_multiple=1, mlp_shape_budget=2)
+        got = engine(*batch(mesh))
+    shapes = {(int(g), int(c)) for g, c in zip(engine.width_counts[1].flat,
+                                                engine.capacity_run.flat, strict=True)}
+    needed = {(int(g), int(c)) for g, c in zip(exact.plan.groups.sum(-1).flat,
+                                                capacity.flat, strict=True)}
+    assert len(needed) > 2 and len(shapes) <= 2  # merged, and only those were compiled
+    assert sum(k[0] == "mlp" for k in engine.compiled) == len(shapes)
+    assert (engine.capacity_run >= capacity).all()
+    assert (engine.width_counts[1] >= exact.plan.groups.sum(-1)).all()
+    assert engine.report()["tokens_overflow"] == 0
+    report = engine.report()
+    assert report["executed_flops_ratio"] > exact.report()["achieved_flops_ratio"]
+    # padded groups and capacity slots add nothing (round-off of longer sums only)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3 * scale)
+
+
+def test_merge_shapes_covers_every_point_within_the_budget():
+    points = np.array([[1, 4], [2, 4], [4, 8], [1, 4]])
+    # (1, 4) moves to (2, 4) (4 more MACs per use), not to (4, 8) (28 more)
+    np.testing.assert_array_equal(
+        merge_shapes(points, 2), [[2, 4], [2, 4], [4, 8], [2, 4]]
+    )
+    np.testing.assert_array_equal(merge_shapes(points, 3), points)  # within budget: as is
+    rng = np.random.default_rng(0)
+    points = np.stack([rng.integers(0, 13, 500), 8 * rng.integers(1, 33, 500)], -1)
+    for budget in (1, 5, 16):
+        merged = merge_shapes(points, budget)
+        assert (merged >= points).all()
+        assert len(np.unique(merged, axis=0)) <= budget
+    assert (merge_shapes(points, 1) == points.max(0)).all()
+    with pytest.raises(ValueError, match="budget"):
+        merge_shapes(points, 0)
 
 
 def test_capacity_specs_and_bad_values():

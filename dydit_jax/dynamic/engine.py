@@ -31,6 +31,7 @@ from flax import nnx
 
 from dydit_jax import diffusion as diffusion_lib
 from dydit_jax import flops, parallel, sample_lib
+from dydit_jax.dynamic import plan as plan_lib
 from dydit_jax.dynamic.plan import WidthPlan, width_plan
 from dydit_jax.models.dydit import DyDiTConfig
 
@@ -112,6 +113,7 @@ class DyDiTEngine:
         capacity_multiple: int = 8,
         capacity_margin: float = 0.1,
         capacity_step_buckets: int = 1,
+        mlp_shape_budget: int = 16,
     ):
         config = parts.config
         if not isinstance(config, DyDiTConfig):
@@ -119,6 +121,9 @@ class DyDiTEngine:
         self.guided_channels = sample_lib.check_sampler(sampler, guided_channels)
         if capacity_multiple < 1:
             raise ValueError(f"capacity multiple must be >= 1, got {capacity_multiple}")
+        if mlp_shape_budget < 1:
+            raise ValueError(f"MLP shape budget must be >= 1, got {mlp_shape_budget}")
+        self.mlp_shape_budget = mlp_shape_budget
         self.config, self.params = config, params
         self.graphdef, self.buffers = parts.graphdef, parts.buffers
         self.sampler, self.eta, self.cfg_scale = sampler, eta, cfg_scale
@@ -140,7 +145,8 @@ class DyDiTEngine:
         cpu_mesh = mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
         self._pace_every = 8 if cpu_mesh else 0
         self._build_functions()
-        self._slice_weights()
+        self.slices: dict[tuple, dict] = {}
+        self.slice_seconds = 0.0
         self.compiled: dict[tuple, Any] = {}
         self._programs: dict[tuple, dict] = {}
         self.compile_seconds = 0.0
@@ -151,7 +157,7 @@ class DyDiTEngine:
         self.calibration = None
         if isinstance(capacity, str):
             capacity = parse_capacity(capacity)
-        if capacity == "calibrate":
+        if isinstance(capacity, str) and capacity == "calibrate":
             self.calibration = dict(margin=capacity_margin, step_buckets=capacity_step_buckets)
             capacity = None
         self.set_capacity(capacity)
@@ -214,15 +220,31 @@ class DyDiTEngine:
         self._token_mlp = jax.jit(token_mlp, static_argnums=3, out_shardings=(rows, rows))
         self._finish = jax.jit(finish, donate_argnums=(3,), out_shardings=rows)
 
-    def _slice_weights(self) -> None:
-        """Sliced weights for every distinct (layer, heads) and (layer, groups) of the plan;
-        per (step, layer) the parameter trees of the attention and the MLP call."""
+    def _schedule(self) -> None:
+        """What runs at each (step, layer): head count (active, rounded up to the width
+        multiple), and the token MLP's (group count, capacity), merged so that at most
+        `mlp_shape_budget` distinct MLP shapes are compiled (plan.merge_shapes; padding
+        groups and capacity slots compute nothing that counts); then the sliced weights."""
+        plan = self.plan
+        heads = plan_lib.rounded_counts(plan.heads, self.width_multiple)
+        groups = plan_lib.rounded_counts(plan.groups, self.width_multiple)
+        wanted = np.stack([groups, self.capacity], -1).reshape(-1, 2)
+        merged = plan_lib.merge_shapes(wanted, self.mlp_shape_budget).reshape(*groups.shape, 2)
+        self.width_counts = (heads, merged[..., 0])
+        self.capacity_run = merged[..., 1]
+        self._slice_weights(
+            plan_lib.padded_indices(plan.heads, heads),
+            plan_lib.padded_indices(plan.groups, merged[..., 0]),
+        )
+
+    def _slice_weights(self, heads: np.ndarray, groups: np.ndarray) -> None:
+        """Sliced weights for every distinct (layer, heads) and (layer, groups) of the
+        schedule (cached across schedules); per (step, layer) the parameter trees of the
+        attention and the MLP call."""
         start = time.perf_counter()
         plan = self.plan
-        heads, groups = plan.active_indices(self.width_multiple)
         indices = {"attn": heads, "mlp": groups}
         active = {"attn": plan.heads.sum(-1), "mlp": plan.groups.sum(-1)}
-        self.slices: dict[tuple, dict] = {}
         self.step_states: list[list[tuple[dict, dict]]] = []
         for s in range(plan.num_steps):
             row = []
@@ -242,8 +264,7 @@ class DyDiTEngine:
                 row.append(tuple(states))
             self.step_states.append(row)
         jax.block_until_ready(list(self.slices.values()))
-        self.slice_seconds = time.perf_counter() - start
-        self.width_counts = tuple(np.vectorize(len)(indices[m]) for m in ("attn", "mlp"))
+        self.slice_seconds += time.perf_counter() - start
 
     def sliced_bytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree.leaves(list(self.slices.values()))))
@@ -281,7 +302,8 @@ class DyDiTEngine:
             caps = np.empty((steps, depth), np.int64)
             for bucket, row in zip(buckets, table, strict=True):
                 caps[bucket] = np.minimum(row, n)
-        self.capacity = caps.astype(np.int64)
+        self.capacity = caps.astype(np.int64)  # as asked; `capacity_run` is what runs
+        self._schedule()
 
     def _round_capacity(self, count: float) -> int:
         m = self.capacity_multiple
@@ -326,7 +348,9 @@ class DyDiTEngine:
         (before sampling, so that sampling times exclude compilation); returns the per-step
         program: for every step, per layer (attention fn, its params, token-MLP fn, its
         params), plus the embedding and final functions."""
-        program_key = (indices.shape, self.capacity.tobytes())
+        program_key = (
+            indices.shape, self.capacity_run.tobytes(), self.width_counts[1].tobytes()
+        )
         if program_key in self._programs:
             return self._programs[program_key]
         params, shape = self.params, indices.shape
@@ -354,7 +378,7 @@ class DyDiTEngine:
                     ("attn", width(attn_state, "attn", "qkv"), tokens.shape), self._attention,
                     attn_state, tokens, c,
                 )
-                capacity = min(int(self.capacity[s, layer]), self.config.num_tokens)
+                capacity = min(int(self.capacity_run[s, layer]), self.config.num_tokens)
                 token_mlp = self._compile(
                     ("mlp", width(mlp_state, "mlp", "fc1"), capacity, tokens.shape),
                     self._token_mlp, mlp_state, tokens, mods, capacity,
@@ -409,7 +433,7 @@ class DyDiTEngine:
         """Achieved FLOPs ratios, compile counts and times, and token overflow so far."""
         plan, n = self.plan, self.config.num_tokens
         heads_run, groups_run = self.width_counts
-        capacity_run = np.minimum(self.capacity, n) / n
+        capacity_run = np.minimum(self.capacity_run, n) / n
         out = {
             "plan_flops_ratio": plan.flops_ratio(),
             "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp")),

@@ -8,7 +8,6 @@ guidance both halves of the batch share the timestep, hence the plan.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -72,17 +71,65 @@ class WidthPlan:
         }
 
 
-def _padded_indices(masks: np.ndarray, multiple: int) -> np.ndarray:
+def rounded_counts(masks: np.ndarray, multiple: int) -> np.ndarray:
+    """Active counts (over the last axis) rounded up to `multiple`, capped at the total."""
     if multiple < 1:
         raise ValueError(f"width multiple must be >= 1, got {multiple}")
-    total = masks.shape[-1]
+    counts = masks.sum(-1)
+    return np.minimum(masks.shape[-1], -(-counts // multiple) * multiple)
+
+
+def padded_indices(masks: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per position of masks[..., :]: the active indices (sorted), then inactive ones up to
+    `counts` (>= the active count) as padding; an object array of index tuples."""
     out = np.empty(masks.shape[:-1], dtype=object)
     for pos in np.ndindex(*masks.shape[:-1]):
         on = np.flatnonzero(masks[pos])
-        want = min(total, math.ceil(len(on) / multiple) * multiple)
-        off = np.flatnonzero(~masks[pos])[: want - len(on)]
+        if counts[pos] < len(on):
+            raise ValueError(f"count {counts[pos]} below the {len(on)} active at {pos}")
+        off = np.flatnonzero(~masks[pos])[: counts[pos] - len(on)]
         out[pos] = tuple(int(i) for i in np.concatenate([on, off]))
     return out
+
+
+def _padded_indices(masks: np.ndarray, multiple: int) -> np.ndarray:
+    return padded_indices(masks, rounded_counts(masks, multiple))
+
+
+def merge_shapes(points: np.ndarray, budget: int) -> np.ndarray:
+    """Bound the number of distinct compiled shapes: `points` (K, 2) int, the (MLP groups,
+    token capacity) each (step, layer) needs; returns (K, 2) shapes that dominate them
+    (both coordinates >=) with at most `budget` distinct ones. Greedy: while over budget,
+    drop the shape whose users move most cheaply to another shape that dominates them; the
+    cost of running a point at shape (g, c) is g * c (the token MLP's multiply-adds), so the
+    FLOPs padding stays small. The joint maximum is always kept, so every point is covered."""
+    if budget < 1:
+        raise ValueError(f"shape budget must be >= 1, got {budget}")
+    points = np.asarray(points, np.int64).reshape(-1, 2)
+    needed, users, usage = np.unique(points, axis=0, return_inverse=True, return_counts=True)
+    users = users.reshape(-1)
+    top = needed.max(0)
+    shapes = np.unique(np.concatenate([needed, top[None]]), axis=0)
+    if len(shapes) <= budget or len(needed) == 1:
+        return points
+    covers = (shapes[None, :, 0] >= needed[:, None, 0]) & (shapes[None, :, 1] >= needed[:, None, 1])
+    cost = np.where(covers, usage[:, None] * (shapes[:, 0] * shapes[:, 1] + 1.0)[None], np.inf)
+    keep = np.ones(len(shapes), bool)
+    is_top = (shapes == top).all(1)
+    while keep.sum() > budget:
+        live = np.flatnonzero(keep)
+        sub = cost[:, live]
+        order = np.argsort(sub, axis=1, kind="stable")
+        best, second = order[:, 0], order[:, 1]
+        rows = np.arange(len(needed))
+        extra = sub[rows, second] - sub[rows, best]
+        moved = np.zeros(len(live))
+        np.add.at(moved, best, extra)
+        moved[is_top[live]] = np.inf
+        keep[live[np.argmin(moved)]] = False
+    live = np.flatnonzero(keep)
+    chosen = live[np.argmin(cost[:, live], axis=1)]
+    return shapes[chosen][users]
 
 
 def width_plan(graphdef, params, buffers, config: DyDiTConfig, timesteps) -> WidthPlan:
