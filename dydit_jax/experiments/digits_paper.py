@@ -6,8 +6,9 @@ Trains a DiT (configs/digits.py), fine-tunes it into DyDiTs at each lambda
 (configs/dydit.py:digits), trains a U-DiT of about the DiT's FLOPs (configs/udit.py:digits,
 hidden 40), samples each with the same sampler and labels (DyDiT through the inference
 engine), evaluates the samples against the real digits held out from our digits
-classifier's training (digits-FID on its features, class accuracy) and writes WORKDIR/results.md (the table), results.json and
-flops_vs_fid.png (the papers' figure: FLOPs per image against FID).
+classifier's training (digits-FID on its features, class accuracy) and writes
+WORKDIR/results.md (the table), results.json and flops_vs_fid.png (the papers' figure:
+FLOPs per image against FID).
 
 Resumable: every stage lives in its own workdir (WORKDIR/dit, dydit_0.7, ...); a finished
 one is not trained again and its samples and metrics (STAGE/samples.npz, result.json) are
