@@ -8,6 +8,7 @@ Paper sizes (random backbone, synthetic routers, 32x32x4 latents, 1000 classes):
 
   python bench/dydit_speedup.py --model=B/2 --lambdas=0.7,0.5 --steps=10 --batch=8
   python bench/dydit_speedup.py --quick                       # ~3 min on 2 CPU cores
+  python bench/dydit_speedup.py --steps=250 --shapes_only      # compiled shapes per budget
   python bench/dydit_speedup.py --model=XL/2 --steps=250 --batch=32 --dtype=bfloat16  # GPU
 
 A trained digits DyDiT against its own backbone run as a DiT (routers off):
@@ -268,6 +269,34 @@ def run_variant(name, dit_fn, engine: DyDiTEngine, rows, repeats: int, batch: in
     return result
 
 
+SHAPE_BUDGETS = (8, 16, 24, 32, 48, 64, 0)  # 0: unbounded
+
+
+def shape_budgets(name, engine: DyDiTEngine, rows, args) -> dict:
+    """Compiled token-MLP shapes and executed FLOPs ratio per shape budget, after the
+    capacity calibration batch; then compiles the chosen budget's schedule (timed)."""
+    key = jax.random.key(0)
+    engine(key, rows["i"], rows["y"])  # calibrates the capacities
+    achieved = engine.report()["achieved_flops_ratio"]
+    print(f"[{name}] calibration batch: achieved FLOPs ratio {achieved:.3f}")
+    most = engine.config.depth * engine.plan.num_steps
+    table = {}
+    for budget in SHAPE_BUDGETS:
+        engine.set_shape_budget(budget or most)
+        table[budget] = (engine.mlp_shapes(), engine.report()["executed_flops_ratio"])
+        label = budget or "unbounded"
+        print(f"    budget {label}: {table[budget][0]} MLP shapes, executed FLOPs ratio "
+              f"{table[budget][1]:.3f}")
+    engine.set_shape_budget(args.mlp_shape_budget)
+    before = engine.compile_seconds
+    engine.prepare(key, rows["i"], rows["y"])
+    report = engine.report()
+    print(f"    budget {args.mlp_shape_budget}: {report['signatures']} block signatures "
+          f"(calibration pass included), compile {engine.compile_seconds - before:.1f} s "
+          f"after calibration, {engine.compile_seconds:.1f} s in all")
+    return {"name": name, "achieved_flops_ratio": achieved, "budgets": table, **report}
+
+
 def print_result(r, steps: int) -> None:
     print(
         f"[{r['name']}] DiT {r['dit_s_per_img']:.3f} s/img  DyDiT {r['dydit_s_per_img']:.3f} "
@@ -349,6 +378,8 @@ def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) 
                          mlp_shape_budget=args.mlp_shape_budget, **options)
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     rows = parallel.global_batch({"i": np.arange(args.batch, dtype=np.int32), "y": labels}, mesh)
+    if args.shapes_only:
+        return shape_budgets(name, engine, rows, args)
     result = run_variant(name, dit_fn, engine, rows, args.repeats, args.batch, cfg)
     print_result(result, args.steps)
     return result
@@ -371,10 +402,12 @@ def main(argv=None) -> None:
     p.add_argument("--capacity_margin", type=float, default=0.05)
     p.add_argument("--capacity_multiple", type=int, default=8)
     p.add_argument("--capacity_step_buckets", type=int, default=4)
-    p.add_argument("--mlp_shape_budget", type=int, default=16,
+    p.add_argument("--mlp_shape_budget", type=int, default=32,
                    help="most (groups, capacity) token-MLP shapes compiled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="B/2, lambda 0.5, 4 steps, 1 repeat")
+    p.add_argument("--shapes_only", action="store_true",
+                   help="no timing: compiled token-MLP shapes and executed FLOPs per budget")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.lambdas, args.steps, args.repeats = "B/2", [0.5], 4, 1
@@ -387,6 +420,10 @@ def main(argv=None) -> None:
     print(f"settings: {vars(args)}")
     results = trained_digits(args) if args.workdir else paper_size(args)
     last = results[-1]
+    if args.shapes_only:
+        print(f"signatures={last['signatures']} "
+              f"executed_flops_ratio={last['executed_flops_ratio']:.3f}")
+        return
     print(f"wall_speedup={last['wall_speedup']:.2f} flops_speedup={last['flops_speedup']:.2f}")
 
 

@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
             token_capacity="calibrate",  # calibrate | all | fraction (0.75) | count (192)
             capacity_margin=0.1,  # calibrated capacity = most selected * (1 + margin)
             capacity_step_buckets=1,  # separate capacities for this many step ranges
-            mlp_shape_budget=16,  # at most this many (groups, capacity) MLP shapes compiled
+            mlp_shape_budget=32,  # at most this many (groups, capacity) MLP shapes compiled
         )
     )
     # --- bookkeeping

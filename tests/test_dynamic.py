@@ -167,7 +167,7 @@ def test_a_shape_budget_bounds_the_compiles_and_keeps_the_samples():
     needed = {(int(g), int(c)) for g, c in zip(exact.plan.groups.sum(-1).flat,
                                                 capacity.flat, strict=True)}
     assert len(needed) > 2 and len(shapes) <= 2  # merged, and only those were compiled
-    assert sum(k[0] == "mlp" for k in engine.compiled) == len(shapes)
+    assert sum(k[0] == "mlp" for k in engine.compiled) == len(shapes) == engine.mlp_shapes()
     assert (engine.capacity_run >= capacity).all()
     assert (engine.width_counts[1] >= exact.plan.groups.sum(-1)).all()
     assert engine.report()["tokens_overflow"] == 0
@@ -176,6 +176,12 @@ def test_a_shape_budget_bounds_the_compiles_and_keeps_the_samples():
     # padded groups and capacity slots add nothing (round-off of longer sums only)
     scale = float(jnp.abs(want).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3 * scale)
+    # re-merging under another budget: more shapes, less padding
+    engine.set_shape_budget(len(needed))
+    assert 2 < engine.mlp_shapes() <= len(needed)
+    assert engine.report()["executed_flops_ratio"] < report["executed_flops_ratio"]
+    with pytest.raises(ValueError, match="budget"):
+        engine.set_shape_budget(0)
 
 
 def test_merge_shapes_covers_every_point_within_the_budget():

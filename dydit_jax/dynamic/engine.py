@@ -113,7 +113,7 @@ class DyDiTEngine:
         capacity_multiple: int = 8,
         capacity_margin: float = 0.1,
         capacity_step_buckets: int = 1,
-        mlp_shape_budget: int = 16,
+        mlp_shape_budget: int = 32,
     ):
         config = parts.config
         if not isinstance(config, DyDiTConfig):
@@ -236,6 +236,18 @@ class DyDiTEngine:
             plan_lib.padded_indices(plan.heads, heads),
             plan_lib.padded_indices(plan.groups, merged[..., 0]),
         )
+
+    def set_shape_budget(self, budget: int) -> None:
+        """Re-merge the token-MLP shapes into at most `budget` (see `_schedule`)."""
+        if budget < 1:
+            raise ValueError(f"MLP shape budget must be >= 1, got {budget}")
+        self.mlp_shape_budget = budget
+        self._schedule()
+
+    def mlp_shapes(self) -> int:
+        """Distinct (layer-independent) token-MLP shapes the schedule compiles."""
+        counts = np.stack([self.width_counts[1], self.capacity_run], -1).reshape(-1, 2)
+        return len(np.unique(counts, axis=0))
 
     def _slice_weights(self, heads: np.ndarray, groups: np.ndarray) -> None:
         """Sliced weights for every distinct (layer, heads) and (layer, groups) of the
