@@ -5,8 +5,10 @@ A tiny random VAE (downsampling factor 2) and generated image folders; 16 px cro
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -254,6 +256,45 @@ def test_resume_after_an_interruption(folder, vae_dir, reference, tmp_path):
     again = os.stat(first)
     assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)  # kept
     assert files_of(resumed) == files_of(reference)  # as if never interrupted
+
+
+# A real kill -9: the extraction CLI in a subprocess, paced after each shard (so that the
+# kill lands mid-run rather than after the last shard), killed once a shard is on disk.
+_PACED_CLI = """
+import sys, time
+from dydit_jax.data import extract_latents as ex
+whole = ex.extract
+ex.extract = lambda *a, **k: whole(*a, **k, on_shard_done=lambda i: time.sleep(0.5))
+sys.exit(ex.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_extraction_reruns_to_the_uninterrupted_result(folder, vae_dir, tmp_path):
+    root, expected = folder
+    shards = ["--num_shards", "4"]
+    reference = tmp_path / "reference"
+    assert run(root, vae_dir, reference, *shards) == 0
+    out = tmp_path / "killed"
+    args = ["--source", f"folder:{root}", "--image_size", str(SIZE), "--vae", vae_dir,
+            "--out", str(out), "--batch_size", "3", "--num_workers", "2", *shards]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", _PACED_CLI, *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and any(f.endswith(".labels.npy") for f in os.listdir(out)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "extraction ended before it could be killed"
+    done = [f for f in os.listdir(out) if f.endswith(".array_record")]
+    assert 1 <= len(done) < 4
+    kept = {f: os.stat(out / f).st_mtime_ns for f in done}
+    assert run(root, vae_dir, out, *shards) == 0
+    assert {f: os.stat(out / f).st_mtime_ns for f in done} == kept  # finished shards skipped
+    assert files_of(out) == files_of(reference)  # every image once, as if never killed
+    assert len(np.load(out / "labels.npy")) == len(expected)
 
 
 def test_shard_assignment_covers_every_shard_once():
