@@ -25,7 +25,7 @@ def main(argv):
     parallel.initialize_distributed()
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, train_lib.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -15,6 +15,8 @@ an interrupted save never leaves a step that restore would accept.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -75,6 +77,35 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_writable(directory: str, need_bytes: int = 0, *, what: str = "the output") -> None:
+    """Before a long run: `directory` (or the parent it would be created in) must accept
+    files and have `need_bytes` free; a clear ValueError otherwise. Remote paths (gs://...)
+    are left to the store."""
+    if "://" in directory:
+        return
+    path = os.path.abspath(directory)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {directory} exists and is not a directory; choose another path")
+    existing = path
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:  # a real write: permissions alone miss read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"{what} {directory} is not writable ({e.strerror} in {existing}); choose a "
+            "writable directory or fix its permissions"
+        ) from None
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ValueError(
+            f"{what} {directory} has {free / 2**30:.2f} GiB free but this run needs about "
+            f"{need_bytes / 2**30:.2f} GiB; free space or choose another directory"
+        )
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:

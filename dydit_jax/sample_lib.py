@@ -455,6 +455,10 @@ def sample_from_workdir(
         "engine": engine_opts if dynamic else None,
         "vae": os.path.abspath(vae) if vae else None,
     }
+    # uint8 images twice (finished batches, then samples.npz), checked before any sampling
+    side = model_config.input_size * (8 if decoder else 1)
+    channels = 3 if decoder else model_config.in_channels
+    ckpt_lib.check_writable(out, 2 * num_samples * side * side * channels, what="--out")
     run = SampleRun(out, settings)
     finished = run.completed()
     if finished is not None:

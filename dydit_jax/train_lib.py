@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.9999  # EMA of the weights, updated every step; used for sampling
     c.seed = 0
     c.init_from = ""  # a DiT/DyDiT workdir: start from its EMA weights (new routers keep init)
+    # a non-finite loss or gradient never updates the state; then: "stop" (a clear error
+    # naming the step; checkpoints before it kept) or "skip" (the batch is skipped, counted)
+    c.nonfinite = "stop"
     # --- DyDiT fine-tuning (used by DyDiT-* models)
     c.dydit = ml_collections.ConfigDict(
         dict(
@@ -116,6 +119,7 @@ def model_config_from(config: ml_collections.ConfigDict) -> models.DiTConfig:
 
 def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     """Check every field the trainer reads before anything is written; returns the model config."""
+    check_field_types(config)
     model_config = model_config_from(config)
     positive = (
         "num_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps",
@@ -131,6 +135,24 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
         raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
     if not 0.0 <= config.label_dropout < 1.0:
         raise ValueError(f"config.label_dropout must be in [0, 1), got {config.label_dropout}")
+    for name in ("warmup_steps", "seed", "diffusion_steps"):
+        if int(config[name]) < (1 if name == "diffusion_steps" else 0):
+            raise ValueError(f"config.{name} must be >= 0, got {config[name]}")
+    for name in ("weight_decay", "grad_clip_norm"):
+        if not float(config[name]) >= 0:
+            raise ValueError(f"config.{name} must be >= 0, got {config[name]}")
+    if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
+        )
+    sample = config.sample
+    if not float(sample.cfg_scale) >= 1.0:
+        raise ValueError(f"config.sample.cfg_scale must be >= 1 (1 = no guidance), got "
+                         f"{sample.cfg_scale}")
+    for name in ("num_images", "batch_size"):
+        if int(sample[name]) < 1:
+            raise ValueError(f"config.sample.{name} must be >= 1, got {sample[name]}")
+    parallel.resolve_mesh_shape(config.mesh_shape, jax.device_count())
     if config.sample.sampler not in sample_lib.SAMPLERS:
         raise ValueError(
             f"config.sample.sampler {config.sample.sampler!r} is not one of {sample_lib.SAMPLERS}"
@@ -147,6 +169,40 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
             if int(dyn[name]) < 0:
                 raise ValueError(f"config.dydit.{name} must be >= 0, got {dyn[name]}")
     return model_config
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def check_field_types(config: ml_collections.ConfigDict) -> None:
+    """Each field of the run config has the type of `base_config()`'s (ints may stand for
+    floats): a string where a number belongs is one clear error, not a crash later."""
+    def walk(ours, base, prefix):
+        for name, want in base.items():
+            if name not in ours or name in ("model_overrides", "sharding_rules"):
+                continue
+            got = ours[name]
+            where = f"config.{prefix}{name}"
+            if isinstance(want, ml_collections.ConfigDict):
+                if not isinstance(got, ml_collections.ConfigDict | dict):
+                    raise ValueError(f"{where} must be a group of fields, got {got!r}")
+                walk(got, want, f"{prefix}{name}.")
+            elif isinstance(want, bool):
+                if not isinstance(got, bool | np.bool_):
+                    raise ValueError(f"{where} must be true or false, got {got!r}")
+            elif isinstance(want, int | float):
+                ok = isinstance(got, int | float | np.integer | np.floating)
+                if not ok or isinstance(got, bool) or (isinstance(want, int) and isinstance(
+                        got, float | np.floating) and not float(got).is_integer()):
+                    kind = "a whole number" if isinstance(want, int) else "a number"
+                    raise ValueError(f"{where} must be {kind}, got {got!r}")
+            elif isinstance(want, str) and not isinstance(got, str):
+                if not (name == "token_capacity" and isinstance(got, int | float)):
+                    raise ValueError(f"{where} must be a string, got {got!r}")
+            elif isinstance(want, tuple) and not isinstance(got, tuple | list):
+                raise ValueError(f"{where} must be a list of sizes, got {got!r}")
+
+    walk(config, base_config(), "")
 
 
 def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:
@@ -460,6 +516,14 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
             lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params
         )
         metrics["grad_norm"] = optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves the state as it was (only the step moves on),
+        # so no NaN ever reaches the parameters or a checkpoint; the host reads the flag.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        params, ema, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, ema, opt_state), (state.params, state.ema_params, state.opt_state),
+        )
+        metrics["nonfinite"] = (~finite).astype(jnp.float32)
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
     shardings = state_shardings(parts, tx, mesh)
@@ -491,6 +555,14 @@ def model_inputs(batch: dict, key: jax.Array) -> jax.Array:
     if "moments" in batch:
         return data_lib.sample_from_moments(key, batch["moments"])
     return batch["latents" if "latents" in batch else "image"].astype(jnp.float32)
+
+
+def checkpoint_bytes(model_config: models.DiTConfig, config) -> int:
+    """Disk a run needs for its checkpoints: params, EMA and AdamW's two moments in float32,
+    `keep_checkpoints` of them plus the one being written."""
+    _, shapes, _ = abstract_model(model_config)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    return 4 * 4 * params * (int(config.keep_checkpoints) + 1)
 
 
 def run_meta(config: ml_collections.ConfigDict, model_config: models.DiTConfig, step: int) -> dict:
@@ -543,6 +615,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batches = data_lib.make_batches(
         source, global_batch_size=config.global_batch_size, seed=config.seed
     )
+    ckpt_lib.check_writable(workdir, checkpoint_bytes(model_config, config), what="--workdir")
+    if not fresh_start and not os.access(ckpt_lib.checkpoint_dir(workdir), os.R_OK | os.X_OK):
+        raise ValueError(f"the checkpoints in {workdir} are not readable; fix the permissions")
 
     # --- mesh, init, restore
     with jax.set_mesh(mesh):
@@ -585,44 +660,93 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
     preemption = PreemptionWatcher()
+    watch = NonFiniteWatch(config.get("nonfinite", "stop"), ckpt)
     pending: list[dict] = []
     t_last, step_last = time.perf_counter(), start
-    for step in range(start, config.num_steps):
-        if preemption.requested(step):
-            logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", step)
-            if ckpt.latest_step() != step:
-                ckpt.save(step, _items(state), run_meta(config, model_config, step), force=True)
-            break
-        batch = parallel.global_batch(batches[step], mesh)
-        state, metrics = train_step(state, batch)
-        pending.append(metrics)
-        if len(pending) > MAX_STEPS_IN_FLIGHT:
-            # Bound dispatch-ahead: the host may run at most a few steps ahead of the devices.
-            jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == config.num_steps:
-            fetched = jax.device_get(pending)  # the only host sync: once per log interval
-            summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            elapsed = time.perf_counter() - t_last
-            summary["steps_per_sec"] = (done - step_last) / elapsed
-            summary["images_per_sec"] = summary["steps_per_sec"] * config.global_batch_size
-            writer.write_scalars(done, summary)
-            pending, t_last, step_last = [], time.perf_counter(), done
-        if done % config.checkpoint_every_steps == 0 or done == config.num_steps:
-            ckpt.save(done, _items(state), run_meta(config, model_config, done))
-        if done % config.sample_every_steps == 0 or done == config.num_steps:
-            if grids:
-                _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
-            if isinstance(model_config, models.DyDiTConfig):
-                x0 = model_inputs(batch, jax.random.key(0))
-                ratio = eval_flops_ratio(parts, state.ema_params, x0, batch["label"])
-                writer.write_scalars(done, {"eval_flops_ratio": ratio})
-            t_last = time.perf_counter()  # do not count sampling in steps/s
-    preemption.close()
-    ckpt.close()  # waits for the async saves; their errors surface here
-    writer.flush()
-    writer.close()
+    try:
+        for step in range(start, config.num_steps):
+            if preemption.requested(step):
+                logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", step)
+                watch.check(jax.device_get(pending), step - len(pending))
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, _items(state), run_meta(config, model_config, step),
+                              force=True)
+                break
+            batch = parallel.global_batch(batches[step], mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            if len(pending) > MAX_STEPS_IN_FLIGHT:
+                # Bound dispatch-ahead: the host may run at most a few steps ahead.
+                jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT - 1])
+            done = step + 1
+            log = done % config.log_every_steps == 0 or done == config.num_steps
+            save = done % config.checkpoint_every_steps == 0 or done == config.num_steps
+            if log or save:
+                # the only host sync: once per log or checkpoint interval; every step is
+                # checked for a non-finite loss before a checkpoint can include it
+                fetched = jax.device_get(pending)
+                watch.check(fetched, done - len(fetched))
+                summary = watch.summary(fetched)
+                elapsed = time.perf_counter() - t_last
+                summary["steps_per_sec"] = (done - step_last) / elapsed
+                summary["images_per_sec"] = summary["steps_per_sec"] * config.global_batch_size
+                writer.write_scalars(done, summary)
+                pending, t_last, step_last = [], time.perf_counter(), done
+            if save:
+                ckpt.save(done, _items(state), run_meta(config, model_config, done))
+            if done % config.sample_every_steps == 0 or done == config.num_steps:
+                if grids:
+                    _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
+                if isinstance(model_config, models.DyDiTConfig):
+                    x0 = model_inputs(batch, jax.random.key(0))
+                    ratio = eval_flops_ratio(parts, state.ema_params, x0, batch["label"])
+                    writer.write_scalars(done, {"eval_flops_ratio": ratio})
+                t_last = time.perf_counter()  # do not count sampling in steps/s
+    finally:
+        preemption.close()
+        ckpt.close()  # waits for the async saves; their errors surface here
+        writer.flush()
+        writer.close()
     return state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss or gradient under `config.nonfinite = "stop"`."""
+
+
+class NonFiniteWatch:
+    """Host side of the train step's non-finite guard: stop with a clear error naming the
+    step (policy "stop"), or count the skipped batches (policy "skip")."""
+
+    def __init__(self, policy: str, ckpt: ckpt_lib.Checkpointer):
+        self.policy, self.ckpt, self.skipped = policy, ckpt, 0
+
+    def check(self, fetched: list[dict], first_step: int) -> None:
+        bad = [first_step + i for i, m in enumerate(fetched) if m["nonfinite"]]
+        if not bad:
+            return
+        if self.policy == "skip":
+            self.skipped += len(bad)
+            logging.warning("non-finite loss or gradient: skipped the batches of steps %s "
+                            "(%d skipped so far)", bad, self.skipped)
+            return
+        m = fetched[bad[0] - first_step]
+        last = self.ckpt.latest_step()
+        kept = (f"the last good checkpoint is step {last} in {self.ckpt.directory}"
+                if last is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {bad[0]} (loss {float(m['loss'])}, gradient norm "
+            f"{float(m['grad_norm'])}); training stopped and nothing after the last finite "
+            f"step was saved: {kept}. Check the data and the learning rate; resume with the "
+            "same command, or set --config.nonfinite=skip to skip such batches"
+        )
+
+    def summary(self, fetched: list[dict]) -> dict:
+        """Mean metrics over the finite steps, and the skipped batches so far."""
+        good = [m for m in fetched if not m["nonfinite"]] or fetched
+        out = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"}
+        out["skipped_batches"] = float(self.skipped)
+        return out
 
 
 class PreemptionWatcher:

@@ -31,3 +31,34 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ------------------------------------------------------------------ fault-injection suite
+# tests/faults/ report counts (kills survived, bad inputs tried, files lost) through
+# `record_property("fault:NAME", count)`; user properties reach the controller under xdist,
+# which sums them here and prints them at the end of the run.
+FAULT_COUNTS: dict[str, int] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--faults-long", action="store_true",
+        help="the long fault-injection run (more kills, larger sweeps) instead of CI's short one",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: fault injection and bad-input tests")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        for name, value in report.user_properties:
+            if name.startswith("fault:"):
+                FAULT_COUNTS[name[6:]] = FAULT_COUNTS.get(name[6:], 0) + int(value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_COUNTS:
+        counts = ", ".join(f"{name}: {n}" for name, n in sorted(FAULT_COUNTS.items()))
+        terminalreporter.write_line(f"fault report: {counts}")
