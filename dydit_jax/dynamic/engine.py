@@ -4,10 +4,12 @@ The masked model (models/dydit.py) computes every head, channel group and token 
 multiplies the unused ones by zero. The engine computes only what the routers keep:
 
 - width: the plan (plan.py) fixes the active heads and MLP groups of every (step, layer)
-  before sampling. Each layer runs with its weights sliced to them (qkv columns and proj rows
-  of the heads, fc1 columns and fc2 rows of the groups), sliced once per distinct set. Counts
-  can be rounded up to a multiple (`width_multiple`), padding with inactive heads/groups whose
-  contribution is zeroed in the sliced weights: fewer shapes to compile, a few wasted FLOPs.
+  before sampling. Each layer's compiled call takes the layer's full weights and the indices
+  of its active heads/groups and slices inside (qkv columns and proj rows of the heads, fc1
+  columns and fc2 rows of the groups): the shape depends only on the counts, and no sliced
+  copy is kept (250 steps have thousands of distinct active sets; a copy each would need
+  tens of GB). Counts can be rounded up to a multiple (`width_multiple`) or merged (the shape
+  budget), padding with inactive heads/groups whose contribution is zeroed in the slice.
 - tokens: at most `capacity` tokens per sample and layer run the MLP (a static shape): the
   top-scoring of those the token router selects are gathered, run and scattered back.
   Selected tokens beyond the capacity are dropped and counted (`report()["tokens_overflow"]`).
@@ -145,7 +147,7 @@ class DyDiTEngine:
         cpu_mesh = mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
         self._pace_every = 8 if cpu_mesh else 0
         self._build_functions()
-        self.slices: dict[tuple, dict] = {}
+        self._index_arrays: dict[tuple, tuple] = {}
         self.slice_seconds = 0.0
         self.compiled: dict[tuple, Any] = {}
         self._programs: dict[tuple, dict] = {}
@@ -191,12 +193,15 @@ class DyDiTEngine:
             tokens, _, c = model.embed_all(x, jnp.full((x.shape[0],), t, jnp.int32), labels)
             return tokens, c
 
-        # The two halves of a block; `state` is the layer's parameters with one module
-        # sliced (the other, unsliced and unused, keeps the compiled signature to one width).
-        def attention(state, x, c):
+        # The two halves of a block: the layer's full parameters, the kept heads (groups) and
+        # their validity; the module runs on its slice (the other module, unused, is left
+        # whole, which keeps the compiled signature to the one count).
+        def attention(block, heads, valid, x, c):
+            state = block | {"attn": attention_slicer(block["attn"], heads, valid)}
             return nnx.merge(self.block_graphdef, state).attention_step(x, c)
 
-        def token_mlp(state, x, mods, capacity):
+        def token_mlp(block, groups, valid, x, mods, capacity):
+            state = block | {"mlp": mlp_slicer(block["mlp"], groups, valid)}
             return nnx.merge(self.block_graphdef, state).token_mlp(x, mods, capacity)
 
         def finish(params, tokens, c, x, step, keys):
@@ -208,23 +213,19 @@ class DyDiTEngine:
                 diffusion, model_fn, x, step, keys, sampler=self.sampler, eta=self.eta
             )
 
-        self._slicers = {
-            "attn": jax.jit(attention_slicer, out_shardings=self._rep),
-            "mlp": jax.jit(mlp_slicer, out_shardings=self._rep),
-        }
         # Fixed output shardings: every call's inputs match what its executable was built for.
         rows = self._rows
         self._initial = jax.jit(initial, out_shardings=(rows, rows))
         self._embed = jax.jit(embed, out_shardings=(rows, rows))
         self._attention = jax.jit(attention, out_shardings=(rows, rows))
-        self._token_mlp = jax.jit(token_mlp, static_argnums=3, out_shardings=(rows, rows))
+        self._token_mlp = jax.jit(token_mlp, static_argnums=5, out_shardings=(rows, rows))
         self._finish = jax.jit(finish, donate_argnums=(3,), out_shardings=rows)
 
     def _schedule(self) -> None:
         """What runs at each (step, layer): head count (active, rounded up to the width
         multiple), and the token MLP's (group count, capacity), merged so that at most
         `mlp_shape_budget` distinct MLP shapes are compiled (plan.merge_shapes; padding
-        groups and capacity slots compute nothing that counts); then the sliced weights."""
+        groups and capacity slots compute nothing that counts); then the index arrays."""
         plan = self.plan
         heads = plan_lib.rounded_counts(plan.heads, self.width_multiple)
         groups = plan_lib.rounded_counts(plan.groups, self.width_multiple)
@@ -232,7 +233,7 @@ class DyDiTEngine:
         merged = plan_lib.merge_shapes(wanted, self.mlp_shape_budget).reshape(*groups.shape, 2)
         self.width_counts = (heads, merged[..., 0])
         self.capacity_run = merged[..., 1]
-        self._slice_weights(
+        self._layer_indices(
             plan_lib.padded_indices(plan.heads, heads),
             plan_lib.padded_indices(plan.groups, merged[..., 0]),
         )
@@ -249,37 +250,30 @@ class DyDiTEngine:
         counts = np.stack([self.width_counts[1], self.capacity_run], -1).reshape(-1, 2)
         return len(np.unique(counts, axis=0))
 
-    def _slice_weights(self, heads: np.ndarray, groups: np.ndarray) -> None:
-        """Sliced weights for every distinct (layer, heads) and (layer, groups) of the
-        schedule (cached across schedules); per (step, layer) the parameter trees of the
-        attention and the MLP call."""
+    def _layer_indices(self, heads: np.ndarray, groups: np.ndarray) -> None:
+        """Per (step, layer): the layer's parameters and, for the attention and the MLP call,
+        the kept indices and their validity (0 = padding), on device once per distinct set."""
         start = time.perf_counter()
         plan = self.plan
         indices = {"attn": heads, "mlp": groups}
         active = {"attn": plan.heads.sum(-1), "mlp": plan.groups.sum(-1)}
-        self.step_states: list[list[tuple[dict, dict]]] = []
+        self.step_states: list[list[tuple[tuple, tuple]]] = []
         for s in range(plan.num_steps):
             row = []
             for layer in range(plan.depth):
                 block = self.params["blocks"][layer]
-                states = []
+                calls = []
                 for module in ("attn", "mlp"):
-                    chosen = indices[module][s, layer]
-                    key = (layer, module, chosen)
-                    if key not in self.slices:
-                        valid = np.arange(len(chosen)) < active[module][s, layer]
-                        self.slices[key] = self._slicers[module](
-                            block[module], np.asarray(chosen, np.int32),
-                            valid.astype(np.float32),
-                        )
-                    states.append(block | {module: self.slices[key]})
-                row.append(tuple(states))
+                    chosen = np.asarray(indices[module][s, layer], np.int32)
+                    count = int(active[module][s, layer])
+                    key = (chosen.tobytes(), count)
+                    if key not in self._index_arrays:
+                        valid = (np.arange(len(chosen)) < count).astype(np.float32)
+                        self._index_arrays[key] = jax.device_put((chosen, valid), self._rep)
+                    calls.append((block, *self._index_arrays[key]))
+                row.append(tuple(calls))
             self.step_states.append(row)
-        jax.block_until_ready(list(self.slices.values()))
         self.slice_seconds += time.perf_counter() - start
-
-    def sliced_bytes(self) -> int:
-        return int(sum(x.nbytes for x in jax.tree.leaves(list(self.slices.values()))))
 
     # ------------------------------------------------------------------------ capacity
 
@@ -371,13 +365,12 @@ class DyDiTEngine:
         t0 = jnp.int32(self.plan.timesteps[0])
         embed = self._compile(("embed", shape), self._embed, params, x, t0, labels)
         tokens, c = embed(params, x, t0, labels)
-        attn_state, mlp_state = self.step_states[0][0]
-        width = lambda state, m, w: state[m][w]["kernel"].shape[1]
+        attn_args, _ = self.step_states[0][0]
         example_attention = self._compile(
-            ("attn", width(attn_state, "attn", "qkv"), tokens.shape), self._attention,
-            attn_state, tokens, c,
+            ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
+            *attn_args, tokens, c,
         )
-        _, mods = example_attention(attn_state, tokens, c)
+        _, mods = example_attention(*attn_args, tokens, c)
         # These example runs carry collectives (guidance concatenates the halves across the
         # batch shards); finish them before sampling dispatches its own: XLA:CPU can deadlock
         # when two independent programs with collectives are in flight at once.
@@ -385,17 +378,17 @@ class DyDiTEngine:
         steps = []
         for s in range(self.plan.num_steps):
             layers = []
-            for layer, (attn_state, mlp_state) in enumerate(self.step_states[s]):
+            for layer, (attn_args, mlp_args) in enumerate(self.step_states[s]):
                 attention = self._compile(
-                    ("attn", width(attn_state, "attn", "qkv"), tokens.shape), self._attention,
-                    attn_state, tokens, c,
+                    ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
+                    *attn_args, tokens, c,
                 )
                 capacity = min(int(self.capacity_run[s, layer]), self.config.num_tokens)
                 token_mlp = self._compile(
-                    ("mlp", width(mlp_state, "mlp", "fc1"), capacity, tokens.shape),
-                    self._token_mlp, mlp_state, tokens, mods, capacity,
+                    ("mlp", mlp_args[1].shape[0], capacity, tokens.shape),
+                    self._token_mlp, *mlp_args, tokens, mods, capacity,
                 )
-                layers.append((attention, attn_state, token_mlp, mlp_state))
+                layers.append((attention, attn_args, token_mlp, mlp_args))
             steps.append(layers)
         step = jnp.int32(0)
         finish = self._compile(
@@ -416,11 +409,11 @@ class DyDiTEngine:
         stats = []
         for s in range(self.plan.num_steps):
             tokens, c = embed(params, x, self._timesteps[s], labels)
-            for layer, (attention, attn_state, token_mlp, mlp_state) in enumerate(
+            for layer, (attention, attn_args, token_mlp, mlp_args) in enumerate(
                 program["steps"][s]
             ):
-                tokens, mods = attention(attn_state, tokens, c)
-                tokens, block_stats = token_mlp(mlp_state, tokens, mods)
+                tokens, mods = attention(*attn_args, tokens, c)
+                tokens, block_stats = token_mlp(*mlp_args, tokens, mods)
                 stats.append(block_stats)
                 if self._pace_every and layer % (self._pace_every // 2) == 0:
                     tokens.block_until_ready()
@@ -451,7 +444,6 @@ class DyDiTEngine:
             "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp")),
             "compile_seconds": self.compile_seconds,
             "slice_seconds": self.slice_seconds,
-            "sliced_weight_bytes": self.sliced_bytes(),
             "mean_capacity_fraction": float(capacity_run.mean()),
             "executed_flops_ratio": float(
                 flops.fraction_ratio(
