@@ -89,8 +89,13 @@ def check_writable(directory: str, need_bytes: int = 0, *, what: str = "the outp
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what} {directory} exists and is not a directory; choose another path")
     existing = path
-    while not os.path.isdir(existing):
+    while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"{what} {directory} lies below {existing}, which is a file, not a directory; "
+            "choose another path"
+        )
     try:  # a real write: permissions alone miss read-only mounts
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
         os.close(fd)

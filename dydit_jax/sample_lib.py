@@ -425,12 +425,34 @@ def sample_from_workdir(
 
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
+    if sampler is not None:
+        check_sampler(sampler, None)  # before --out is created (the model is built later)
+    if isinstance(labels, str) and labels not in ("balanced", "random"):
+        if not all(v.strip().lstrip("-").isdigit() for v in labels.split(",")):
+            raise ValueError(
+                f"--labels {labels!r} is not balanced, random or class ids like 0,3,7"
+            )
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing != os.path.abspath(out) and not os.path.isdir(existing):
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    directory = ckpt_lib.checkpoint_dir(workdir)
+    if step is not None and os.path.isdir(directory):
+        saved = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+        if step not in saved:
+            raise ckpt_lib.CheckpointNotFoundError(
+                f"--step {step}: {directory} holds no such checkpoint (saved steps: {saved}); "
+                "pick one of those or leave out --step for the latest"
+            )
     step, meta = ckpt_lib.read_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     sample_cfg = config.sample
     sampling_steps = sample_cfg.steps if sampling_steps is None else sampling_steps
     sampler = sample_cfg.sampler if sampler is None else sampler
     cfg_scale = sample_cfg.cfg_scale if cfg_scale is None else cfg_scale
+    if not float(cfg_scale) >= 1.0:
+        raise ValueError(f"--cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     if guided_channels is None:
         guided_channels = sample_cfg.guided_channels
     batch_size = sample_cfg.batch_size if batch_size is None else batch_size

@@ -119,7 +119,12 @@ def model_config_from(config: ml_collections.ConfigDict) -> models.DiTConfig:
 
 def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     """Check every field the trainer reads before anything is written; returns the model config."""
-    check_field_types(config)
+    try:
+        check_field_types(config)
+    except OSError as e:  # ml_collections' stand-in for a --config file that failed to load
+        raise ValueError(f"{e}\ncheck the --config path (configs/NAME.py[:VARIANT])") from None
+    check_model_overrides(config)
+    check_sharding_rules(config)
     model_config = model_config_from(config)
     positive = (
         "num_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps",
@@ -199,10 +204,57 @@ def check_field_types(config: ml_collections.ConfigDict) -> None:
             elif isinstance(want, str) and not isinstance(got, str):
                 if not (name == "token_capacity" and isinstance(got, int | float)):
                     raise ValueError(f"{where} must be a string, got {got!r}")
-            elif isinstance(want, tuple) and not isinstance(got, tuple | list):
-                raise ValueError(f"{where} must be a list of sizes, got {got!r}")
+            elif isinstance(want, tuple) and (not isinstance(got, tuple | list) or not all(
+                    isinstance(s, int | np.integer) and not isinstance(s, bool) for s in got)):
+                raise ValueError(f"{where} must be a list of whole-number sizes, got {got!r}")
 
     walk(config, base_config(), "")
+
+
+def check_model_overrides(config: ml_collections.ConfigDict) -> None:
+    """`config.model_overrides` against the model configs' fields: sizes are whole numbers
+    >= 1, ratios positive numbers, switches true/false, `dtype` a floating-point type; one
+    clear error here rather than a TypeError or ZeroDivisionError inside the model code.
+    Unknown names are left to `models.model_config` (which lists the known ones)."""
+    overrides = config.get("model_overrides") or {}
+    if not isinstance(overrides, ml_collections.ConfigDict | dict):
+        raise ValueError(f"config.model_overrides must be a group of fields, got {overrides!r}")
+    kinds = {}
+    for config_class in (models.DiTConfig, models.DyDiTConfig, models.UDiTConfig):
+        kinds |= {f.name: type(f.default) for f in dataclasses.fields(config_class)}
+    for name, value in overrides.items():
+        kind, where = kinds.get(name), f"config.model_overrides.{name}"
+        whole = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+        number = whole or isinstance(value, float | np.floating)
+        if kind is int and not (whole and value >= 1):
+            raise ValueError(f"{where} must be a whole number >= 1, got {value!r}")
+        if kind is float and not (number and np.isfinite(value) and value > 0):
+            raise ValueError(f"{where} must be a number > 0, got {value!r}")
+        if kind is bool and not isinstance(value, bool | np.bool_):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+    if "dtype" in overrides:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(overrides["dtype"]), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(
+                "config.model_overrides.dtype must name a floating-point type (float32, "
+                f"bfloat16), got {overrides['dtype']!r}"
+            )
+
+
+def check_sharding_rules(config: ml_collections.ConfigDict) -> None:
+    """`config.sharding_rules`: (logical name, mesh axis or None) pairs naming real mesh axes."""
+    try:
+        parallel.rules_dict(config.get("sharding_rules"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"config.sharding_rules: {e}; give (logical name, mesh axis or None) pairs, e.g. "
+            f"{parallel.DEFAULT_RULES[:2]}"
+        ) from None
 
 
 def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:

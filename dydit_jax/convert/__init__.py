@@ -23,6 +23,7 @@ import json
 import os
 import re
 import struct
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,10 +88,24 @@ _ST_DTYPES = {
 def _read_safetensors_numpy(path: str) -> dict[str, np.ndarray]:
     """Minimal reader of the safetensors format (u64 header size, JSON header, raw bytes),
     used when the safetensors package is not installed."""
+    not_safetensors = (
+        f"{path} is not a safetensors file (an 8-byte header size, then a JSON header); "
+        "check the file or save it again with safetensors"
+    )
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(not_safetensors)
+        (size,) = struct.unpack("<Q", head)
+        if size > os.path.getsize(path) - 8:
+            raise ValueError(not_safetensors)
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:  # JSON or UTF-8 decoding
+            raise ValueError(not_safetensors) from None
         data = f.read()
+    if not isinstance(header, dict):
+        raise ValueError(not_safetensors)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -118,14 +133,21 @@ def _read_torch(path: str) -> Mapping[str, Any]:
             "to .safetensors"
         ) from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # trainer files keep argparse.Namespace args: allow just that
-        import argparse
-
-        if "Namespace" not in str(e):
-            raise
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # trainer files keep argparse.Namespace args: allow just that
+            import argparse
+
+            if "Namespace" not in str(e):
+                raise
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's unpickler fails with any error type on a foreign file
+        raise ValueError(
+            f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the file, or "
+            "convert it to .safetensors"
+        ) from e
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -145,8 +167,15 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     elif ext in (".pt", ".pth", ".bin"):
         raw = _read_torch(path)
     elif ext == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            raw = {k: f[k] for k in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                raw = {k: f[k] for k in f.files}
+        except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError):
+            # (a non-archive makes np.load suggest unpickling it: not what to do here)
+            raise ValueError(
+                f"{path} is not an .npz archive of arrays; save one with "
+                "np.savez(path, **state_dict)"
+            ) from None
     else:
         raise ValueError(
             f"{path}: unknown checkpoint format {ext!r}; use .safetensors, .pt/.pth or .npz"

@@ -59,6 +59,7 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
+from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax.data import images as images_lib
 from dydit_jax.data.latents import (
     HEADER_BYTES,
@@ -319,8 +320,7 @@ def _atomic_npy(path: str, arr: np.ndarray) -> None:
 def _check_out(out: str, settings: dict) -> dict | None:
     """The manifest when `out` already holds this very extraction (complete), None when it is
     new or an unfinished run of it; ValueError when it holds something else."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} exists and is not a directory")
+    ckpt_lib.check_writable(out, what="--out")  # a file, below a file, read-only
     manifest_path = os.path.join(out, MANIFEST)
     if os.path.exists(manifest_path):
         try:

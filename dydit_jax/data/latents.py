@@ -380,19 +380,29 @@ class LatentSource:
             )
         try:
             kind, shape = manifest["kind"], tuple(int(d) for d in manifest["shape"])
-            dtype, shard_entries = str(manifest["dtype"]), manifest["shards"]
-            num_examples = int(manifest["num_examples"])
+            dtype, num_examples = str(manifest["dtype"]), int(manifest["num_examples"])
+            # [(file, count)] of the shards: {"file": name, "num_examples": n} each
+            shard_entries = [(str(e["file"]), int(e["num_examples"])) for e in manifest["shards"]]
+            labels_file = str(manifest.get("labels_file", LABELS_FILE))
+            num_classes = manifest.get("num_classes")
+            num_classes = None if num_classes is None else int(num_classes)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{manifest_path} lacks or mangles a field: {e!r}") from e
+            raise ValueError(
+                f"{manifest_path} lacks or mangles a field: {e!r}; rewrite the latents"
+            ) from e
         if kind not in KINDS or dtype not in _DTYPES:
             raise ValueError(
                 f"{manifest_path}: kind {kind!r} / dtype {dtype!r} not in {KINDS} / {_DTYPES}"
             )
+        if not shape or min(shape) < 1:
+            raise ValueError(
+                f"{manifest_path}: shape {list(shape)} is not an array shape (sizes >= 1); "
+                "rewrite the latents"
+            )
 
         shards = []
-        for entry in shard_entries:
-            path = os.path.join(data_dir, entry["file"])
-            expected = int(entry["num_examples"])
+        for file, expected in shard_entries:
+            path = os.path.join(data_dir, file)
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"shard {path} listed in {manifest_path} is missing; rewrite the latents"
@@ -409,10 +419,18 @@ class LatentSource:
                 f"{manifest_path}: the shards hold {sum(s.take for s in shards)} examples but "
                 f"num_examples is {num_examples}"
             )
-        labels_path = os.path.join(data_dir, manifest.get("labels_file", LABELS_FILE))
+        labels_path = os.path.join(data_dir, labels_file)
         if not os.path.isfile(labels_path):
             raise FileNotFoundError(f"{labels_path} is missing; rewrite the latents")
-        labels = np.load(labels_path, allow_pickle=False)
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            labels = None  # not a .npy file (np.load's own message suggests unpickling it)
+        if not isinstance(labels, np.ndarray):
+            raise ValueError(
+                f"{labels_path} is not a .npy array of {num_examples} integer labels; rewrite "
+                "the latents"
+            )
         if labels.shape != (num_examples,) or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
                 f"{labels_path} has {labels.dtype} {labels.shape}; expected {num_examples} "
@@ -425,7 +443,7 @@ class LatentSource:
         self.dtype: str = dtype
         self.example_shape: dict[str, tuple[int, ...]] = {kind: shape, "label": ()}
         self.labels: np.ndarray = labels.astype(np.int32)
-        self.num_classes = int(manifest.get("num_classes", int(self.labels.max()) + 1))
+        self.num_classes = int(self.labels.max()) + 1 if num_classes is None else num_classes
         self._shape = shape
         self._files = [s.filename for s in shards]
         self._ends = list(itertools.accumulate(s.take for s in shards))

@@ -81,11 +81,11 @@ def parse_capacity(spec: str):
         value = -1.0
     if "." in spec and 0 < value <= 1:
         return value
-    if value >= 0 and value == int(value) and "." not in spec:
+    if value >= 1 and value == int(value) and "." not in spec:
         return int(value)
     raise ValueError(
         f"token capacity {spec!r} is not 'calibrate', 'all', a fraction in (0, 1] like 0.75, "
-        "or a token count like 192"
+        "or a token count >= 1 like 192"
     )
 
 
