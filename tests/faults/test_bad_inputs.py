@@ -641,3 +641,24 @@ def test_the_sweep_is_broad():
     tables = (TRAINING, SAMPLING, LATENT_DIRS, EVALUATE, CONVERT, STATE_DICTS, EXTRACT, SCRIPTS)
     assert sum(len(t) for t in tables) >= 55
     assert len(SCRIPTS) <= 5  # each costs seconds
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_is_detected_before_training_or_sampling(paths, existing, record_property,
+                                                            monkeypatch):
+    """Free space is checked before a run writes anything: a disk with 16 bytes left refuses
+    both a training workdir (room for keep_checkpoints + 1 checkpoints) and a sampling --out."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: real(p)._replace(free=16)
+    )
+    workdir, out = os.path.join(paths["tmp"], "run"), os.path.join(paths["tmp"], "samples")
+    with pytest.raises(ValueError, match="GiB free but this run needs about"):
+        train_lib.train_and_evaluate(bad_config({}), workdir)
+    with pytest.raises(ValueError, match="GiB free but this run needs about"):
+        sample_lib.sample_from_workdir(paths["workdir"], out, num_samples=8, batch_size=8,
+                                       sampling_steps="2", progress=False)
+    assert not os.path.exists(workdir) and not os.path.exists(out)
+    check_untouched(existing, record_property)
