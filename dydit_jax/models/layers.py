@@ -248,12 +248,25 @@ class Attention(nnx.Module):
         return self.proj(out.reshape(b, n, heads * self.head_dim))
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention over (B, N, H, Dh) with scale Dh^-0.5; softmax in float32."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale=None) -> jax.Array:
+    """Softmax attention over (B, N, H, Dh) inputs, returning (B, N, H, Dh); the logits and
+    softmax in float32. `scale`: None (Dh^-0.5), a number, or per head (H, 1, 1).
+
+    Laid out for speed (the same math to float round-off): heads are moved before tokens so
+    that both products are plain batched matmuls (XLA:CPU ran the strided (B, N, H, Dh) form
+    4x slower), the scale is applied to q (N x Dh values, not N x N), and the softmax's
+    normalisation divides the (N, Dh) output instead of the (N, N) weights.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, N, Dh)
+    q = (q.astype(jnp.float32) * scale).astype(k.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    out = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    out = out / weights.sum(axis=-1, keepdims=True)
+    return out.astype(v.dtype).transpose(0, 2, 1, 3)
 
 
 class Mlp(nnx.Module):

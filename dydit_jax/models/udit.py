@@ -366,11 +366,10 @@ class TokenDownsampledAttention(nnx.Module):
     def _attend(self, q, k, v, logit_scale) -> jax.Array:
         """softmax(logits) v per (sample, group, head); q, k, v (B, 4, n, H, d)."""
         b, g, n, heads, d = q.shape
-        if self.impl == "einsum":
-            logits = jnp.einsum("bgqhd,bgkhd->bghqk", q, k).astype(jnp.float32)
-            logits = logits * (d**-0.5 if logit_scale is None else logit_scale)
-            probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-            return jnp.einsum("bghqk,bgkhd->bgqhd", probs, v)
+        if self.impl == "einsum":  # the shared softmax attention, groups folded into the batch
+            flat = lambda a: a.reshape(b * g, n, heads, d)
+            out = layers.dot_product_attention(flat(q), flat(k), flat(v), logit_scale)
+            return out.reshape(b, g, n, heads, d)
         # Fused kernels take one scalar scale: fold the per-head scale into q.
         if logit_scale is not None:
             q = q.astype(jnp.float32) * logit_scale[:, 0, 0][:, None]
