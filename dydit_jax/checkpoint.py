@@ -123,12 +123,18 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
         )
     ckpt = Checkpointer(workdir, create=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        saved = sorted(ckpt.manager.all_steps())
+        if step is None and not saved:
             raise CheckpointNotFoundError(
                 f"no finished checkpoint in {directory}; train first (or wait for the "
                 "first save)"
             )
+        if step is not None and step not in saved:
+            raise CheckpointNotFoundError(
+                f"--step {step}: {directory} holds no such checkpoint (saved steps: {saved}); "
+                "pick one of those or leave out --step for the latest"
+            )
+        step = saved[-1] if step is None else step
         return step, ckpt.meta(step)
     finally:
         ckpt.close()

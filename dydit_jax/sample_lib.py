@@ -111,7 +111,12 @@ def make_labels(spec: str | Sequence[int] | None, n: int, num_classes: int, seed
     elif spec == "random":
         labels = np.random.default_rng(seed).integers(0, num_classes, n)
     else:
-        values = [int(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
+        try:
+            values = [int(v) for v in (spec.split(",") if isinstance(spec, str) else spec)]
+        except ValueError:
+            raise ValueError(
+                f"--labels {spec!r} is not balanced, random or class ids like 0,3,7"
+            ) from None
         if not values:
             raise ValueError("--labels is empty; give class ids like 0,3,7 or balanced/random")
         bad = [v for v in values if not 0 <= v < num_classes]
@@ -427,24 +432,6 @@ def sample_from_workdir(
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     if sampler is not None:
         check_sampler(sampler, None)  # before --out is created (the model is built later)
-    if isinstance(labels, str) and labels not in ("balanced", "random"):
-        if not all(v.strip().lstrip("-").isdigit() for v in labels.split(",")):
-            raise ValueError(
-                f"--labels {labels!r} is not balanced, random or class ids like 0,3,7"
-            )
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if existing != os.path.abspath(out) and not os.path.isdir(existing):
-        raise ValueError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
-    directory = ckpt_lib.checkpoint_dir(workdir)
-    if step is not None and os.path.isdir(directory):
-        saved = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-        if step not in saved:
-            raise ckpt_lib.CheckpointNotFoundError(
-                f"--step {step}: {directory} holds no such checkpoint (saved steps: {saved}); "
-                "pick one of those or leave out --step for the latest"
-            )
     step, meta = ckpt_lib.read_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     sample_cfg = config.sample

@@ -318,7 +318,7 @@ SAMPLING = [
     case("width_multiple 0", Sample({"width_multiple": 0}, "width_multiple must be >= 1")),
     case("vae folder missing", Sample({"vae": "{tmp}/vae"}, "--vae .*no such directory")),
     case("out is a file", Sample({}, "exists and is not a directory", out="{files}/plain.txt")),
-    case("out under a file", Sample({}, "is a file, not a folder", out="{files}/plain.txt/s")),
+    case("out under a file", Sample({}, "is a file, not a directory", out="{files}/plain.txt/s")),
     case("out in read-only folder", Sample({}, "not writable", out="{readonly}/samples"),
          marks=needs_permissions),
     case("out on read-only /proc", Sample({}, "not writable", out="/proc/dydit/samples"),
