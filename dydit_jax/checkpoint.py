@@ -29,6 +29,24 @@ class CheckpointNotFoundError(FileNotFoundError):
     pass
 
 
+# Orbax splits a replicated array between its replicas to write it in parallel; each piece is
+# an eager slice, compiled per shape in every new process (424 compiles, 22 s, in a tiny digits
+# experiment on 8 CPU devices). Only arrays whose per-replica piece is at least this big are
+# split: DiT-XL's large kernels still are, small models' arrays are written whole.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+_array_handler_registered = False
+
+
+def _register_array_handler() -> None:
+    global _array_handler_registered
+    if not _array_handler_registered:
+        handler = ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+        )
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        _array_handler_registered = True
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -37,6 +55,7 @@ class Checkpointer:
     """Keep-N, asynchronous checkpoints of the train state in `WORKDIR/checkpoints`."""
 
     def __init__(self, workdir: str, *, keep: int = 3, create: bool = True):
+        _register_array_handler()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=create, enable_async_checkpointing=True
         )

@@ -78,8 +78,9 @@ def stages(workdir: str, scale: str, lambdas: list[float]) -> list[Stage]:
         config.log_every_steps = min(config.log_every_steps, every)
         config.checkpoint_every_steps = num_steps  # one checkpoint at the end
         config.sample_every_steps = num_steps  # one grid at the end; the experiment samples
-        if tiny:
+        if tiny:  # the end-of-training grid too: U-DiT's default is 100 images x 100 steps
             config.global_batch_size = 32
+            config.sample.update(steps="4", num_images=20, batch_size=20)
         return config
 
     dit = shorten(digits.get_config("tiny" if tiny else None), steps["dit"])
