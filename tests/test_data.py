@@ -12,6 +12,12 @@ def test_digits_are_embedded_scaled_and_resizable():
     assert images.shape == (1797, 8, 8, 1) and images.dtype == np.float32
     assert images.min() == -1.0 and images.max() == 1.0
     assert set(labels.tolist()) == set(range(10))
+    # read from the data file directly (no scikit-learn import): the same as its loader
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    reference = sk_load_digits()
+    np.testing.assert_array_equal(labels, reference.target)
+    np.testing.assert_array_equal(images[..., 0], reference.images / 16.0 * 2.0 - 1.0)
     big, _ = load_digits(16)
     assert big.shape == (1797, 16, 16, 1) and -1.0 <= big.min() and big.max() <= 1.0
 

@@ -94,6 +94,8 @@ def stages(workdir: str, scale: str, lambdas: list[float]) -> list[Stage]:
         out.append(Stage(f"DyDiT lambda={lam}", f"dydit_{lam}", config))
     u = shorten(udit.get_config("digits"), steps["udit"])
     u.model_overrides.hidden_size = 16 if tiny else UDIT_HIDDEN
+    if tiny:  # one block per stage, XLA's grouped conv: the smoke run is mostly compilation
+        u.model_overrides.update(depth_latent=1, depthwise="xla")
     out.append(Stage("U-DiT", "udit", u))
     return out
 
