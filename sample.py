@@ -13,9 +13,13 @@ DyDiT checkpoints run the inference engine (dydit_jax/dynamic; --token_capacity,
 
 import sys
 
-from absl import app, flags, logging
+from dydit_jax import hugepages
 
-from dydit_jax import logs, parallel, sample_lib
+hugepages.reexec()  # first: glibc reads the huge-page tunable only at start (see the module)
+
+from absl import app, flags, logging  # noqa: E402
+
+from dydit_jax import logs, parallel, sample_lib  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("out", None, "Output directory for samples.npz and grid.png.")

@@ -7,10 +7,14 @@ Resumes from the latest checkpoint in --workdir. See README.md for the outputs.
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from dydit_jax import hugepages
 
-from dydit_jax import logs, parallel, train_lib
+hugepages.reexec()  # first: glibc reads the huge-page tunable only at start (see the module)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dydit_jax import logs, parallel, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")

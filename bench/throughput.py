@@ -83,6 +83,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dydit_jax import hugepages  # noqa: E402
+
+hugepages.reexec()  # before JAX: glibc reads the huge-page tunable only at start
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402

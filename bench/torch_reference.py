@@ -28,6 +28,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dydit_jax import hugepages  # noqa: E402
+
+hugepages.reexec()  # before JAX: glibc reads the huge-page tunable only at start
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -27,9 +27,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-import jax
-import ml_collections
-import numpy as np
+from dydit_jax import hugepages
+
+if __name__ == "__main__":  # before JAX: glibc reads the huge-page tunable only at start
+    hugepages.reexec()
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 # configs/ lives at the repository root, next to the package (see the README's commands).
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
