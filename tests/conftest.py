@@ -49,6 +49,39 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "faults: fault injection and bad-input tests")
+    # Under xdist, hand out one test at a time (default: chunks of a quarter of each worker's
+    # share), so that the slow tests, collected first below, run in parallel at the start
+    # instead of queueing behind each other on one worker at the end.
+    if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
+
+
+# The slowest tests (seconds with a cold compilation cache on 2 cores), started first. xdist
+# keeps two tests queued per worker: the first worker gets the first two, the second the
+# next two, so those are paired to take about as long.
+SLOW_FIRST = (
+    "test_experiments.py::test_tiny_digits_paper",  # ~140
+    "test_multiprocess.py::test_two_processes_match_one",  # ~60
+    "test_udit.py::test_training_on_digits",  # ~130
+    "test_training_faults.py::test_kill_9",  # ~110
+    "test_dydit.py::test_finetuning_moves",  # ~35
+    "test_training_faults.py::test_sigterm",  # ~35
+    "test_sample.py::test_a_killed_sampling_process",  # ~32
+    "test_sampling_loop.py::test_the_compiled_loop_equals_the_step_by_step_loop[U-DiT",  # ~32
+    "test_train.py::test_train_steps_lower_the_loss",  # ~29
+    "test_multiprocess.py::test_sigterm",  # ~26
+    "test_dynamic.py::test_sample_py_runs_the_engine",  # ~48 with set-up
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        for i, name in enumerate(SLOW_FIRST):
+            if name in item.nodeid:
+                return i
+        return len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep pytest's order
 
 
 def pytest_runtest_logreport(report):
