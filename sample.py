@@ -15,7 +15,8 @@ import sys
 
 from dydit_jax import hugepages
 
-hugepages.reexec()  # first: glibc reads the huge-page tunable only at start (see the module)
+if __name__ == "__main__":  # first: glibc reads the huge-page tunable only at start
+    hugepages.reexec()
 
 from absl import app, flags, logging  # noqa: E402
 

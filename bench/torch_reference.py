@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dydit_jax import hugepages  # noqa: E402
 
-hugepages.reexec()  # before JAX: glibc reads the huge-page tunable only at start
+if __name__ == "__main__":  # before JAX: glibc reads the huge-page tunable only at start
+    hugepages.reexec()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -6,7 +6,7 @@ Train, then sample from the EMA weights:
   python sample.py --workdir=workdirs/digits --out=workdirs/digits/samples --num_samples=100
 
 Variants (`configs/digits.py:VARIANT`):
-  default  the demo: a 4-block DiT (hidden 192) at 8x8, patch 2, under 10 minutes on 2 cores
+  default  the demo: a 4-block DiT (hidden 192) at 8x8, patch 2, 10-15 minutes on 2 cores
   tiny     a few-second smoke run for tests
 
 Fields not set here keep the DiT recipe of `dydit_jax.train_lib.base_config()`. Override
