@@ -14,5 +14,5 @@ def machine() -> str:
         f"{platform.node()} | {platform.processor() or platform.machine()} | "
         f"{os.cpu_count()} CPU cores | {len(devices)} x {devices[0].device_kind} "
         f"({devices[0].platform}) | jax {jax.__version__} | malloc huge pages "
-        f"{'on' if hugepages.TUNABLE in os.environ.get('GLIBC_TUNABLES', '') else 'off'}"
+        f"{'on' if hugepages.enabled() else 'off'}"
     )

@@ -14,6 +14,7 @@ an interrupted save never leaves a step that restore would accept.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -34,17 +35,14 @@ class CheckpointNotFoundError(FileNotFoundError):
 # experiment on 8 CPU devices). Only arrays whose per-replica piece is at least this big are
 # split: DiT-XL's large kernels still are, small models' arrays are written whole.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-_array_handler_registered = False
 
 
+@functools.cache  # once per process
 def _register_array_handler() -> None:
-    global _array_handler_registered
-    if not _array_handler_registered:
-        handler = ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
-        )
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-        _array_handler_registered = True
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def checkpoint_dir(workdir: str) -> str:

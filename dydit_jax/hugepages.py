@@ -45,11 +45,25 @@ def supported() -> bool:
         return False
 
 
+def setting(environ=None) -> str | None:
+    """The tunable's value in GLIBC_TUNABLES ("1", "0", ...), None when it is not named."""
+    environ = os.environ if environ is None else environ
+    for entry in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = entry.partition("=")
+        if name == TUNABLE:
+            return value
+    return None
+
+
+def enabled(environ=None) -> bool:
+    """Whether this environment asks glibc for huge pages (the tunable set, not to 0)."""
+    return setting(environ) not in (None, "", "0")
+
+
 def wanted(environ=None) -> bool:
     """Whether `reexec` would restart a process started with this environment."""
     environ = os.environ if environ is None else environ
-    return not environ.get(OPT_OUT) and TUNABLE not in environ.get("GLIBC_TUNABLES", "") \
-        and supported()
+    return not environ.get(OPT_OUT) and setting(environ) is None and supported()
 
 
 def tunables_with_huge_pages(current: str) -> str:

@@ -37,3 +37,6 @@ def test_opt_out_and_an_explicit_setting_are_respected():
     assert run_probe(GLIBC_TUNABLES="glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
     assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"})
     assert hugepages.tunables_with_huge_pages("") == "glibc.malloc.hugetlb=1"
+    assert hugepages.enabled({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"})
+    assert not hugepages.enabled({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert not hugepages.enabled({})
