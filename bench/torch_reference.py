@@ -1,5 +1,6 @@
-r"""The PyTorch baseline for `bench/throughput.py`: a DiT forward in the reference release's
-layout and operations, timed the same way on the same machine, next to ours in one process.
+r"""The PyTorch baseline for `bench/throughput.py`: a DiT forward and training step in the
+reference release's layout and operations, timed on the same machine next to ours in one
+process.
 
 The reference DiT is PyTorch modules (timm's Attention and Mlp: one qkv Linear, PyTorch's
 `scaled_dot_product_attention`, proj; Linear -> tanh-GELU -> Linear) in eager mode. This
@@ -9,12 +10,22 @@ same inputs: float32, and bfloat16 (torch: `autocast`; ours: `dtype=bfloat16` co
 Needs the optional torch extra (`pip install torch`, CPU wheel); the core library never
 imports torch.
 
+The training step (`--what=train`) is the reference training loop's body: q_sample at random
+timesteps, forward, loss, backward, `torch.optim.AdamW(lr=1e-4, weight_decay=0)` step and the
+release's EMA update (a Python loop of `mul_`/`add_` over the parameters), against ours:
+`train_lib.make_train_step` with the shipped DiT config (`configs/dit.py`: scan over the
+blocks), which also computes the learned-sigma VB term and drops 10% of the labels. The torch
+loss is the epsilon MSE alone: the VB term is elementwise work on the 8 output channels,
+a negligible fraction of a step.
+
   python bench/torch_reference.py --model=DiT-B/2 --batch=8          # CPU, ~2 min
   python bench/torch_reference.py --model=DiT-B/2 --batch=8 --dtypes=float32
+  python bench/torch_reference.py --model=DiT-B/2 --batch=8 --what=train --dtypes=float32
 
 Both run with all the machine's cores (torch.set_num_threads(os.cpu_count())); each timed
 batch is a median over `--iters` after `--warmup`, the two implementations alternating.
-The last line reads `speedup_float32=<x> speedup_bfloat16=<y>` (ours over torch, images/s).
+The last line reads `speedup_forward_float32=<x> ...` (ours over torch, images/s), one entry
+per (what, dtype).
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from dydit_jax import flops  # noqa: E402
+from dydit_jax import flops, parallel, train_lib  # noqa: E402
 from dydit_jax.models import create_model, model_config  # noqa: E402
 
 
@@ -137,6 +148,81 @@ def compare(args, dtype: str, torch) -> float:
     return torch_s / jax_s
 
 
+def torch_train_step(cfg, dtype: str, batch: int, torch):
+    """One step of the reference training loop on a fixed batch of latents (module docstring)."""
+    import copy
+
+    model = torch_dit(cfg, torch).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=generator)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=generator)
+    p, side = cfg.patch_size, cfg.input_size // cfg.patch_size
+    ema_params, params = dict(ema.named_parameters()), dict(model.named_parameters())
+
+    def step():
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas_cumprod[t][:, None, None, None]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            out = model(x_t, t, y)
+        # the noise in the model output's token layout (patchify: a reshape on both sides)
+        target = noise.reshape(batch, cfg.in_channels, side, p, side, p)
+        target = target.permute(0, 2, 4, 3, 5, 1).reshape(batch, side * side, -1)
+        loss = ((out.float()[..., : target.shape[-1]] - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for name, param in params.items():
+                ema_params[name].mul_(0.9999).add_(param.data, alpha=1 - 0.9999)
+
+    return step
+
+
+def compare_train(args, dtype: str, torch) -> float:
+    """Time torch's and our training step of `args.model` in `dtype`; returns ours/torch
+    images/s."""
+    cfg = model_config(args.model, input_size=32, in_channels=4, num_classes=1000, dtype=dtype)
+    config = train_lib.base_config()
+    config.model = args.model
+    config.model_overrides.update(dtype=dtype, scan_blocks=True)  # configs/dit.py's default
+    config.image_size, config.in_channels, config.num_classes = 32, 4, 1000
+    config.global_batch_size = args.batch
+    config.dataset = "latents"
+    mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        parts = train_lib.build_model(train_lib.validate_config(config), mesh, seed=0)
+        tx = train_lib.make_optimizer(config)
+        state = [train_lib.init_state(parts, tx, mesh)]
+        parts.params = None  # the state owns (and the step donates) the parameters
+        jax_step = train_lib.make_train_step(parts, tx, config, mesh)
+        rng = np.random.default_rng(0)
+        batch = parallel.global_batch({
+            "latents": rng.standard_normal((args.batch, 32, 32, 4)).astype(np.float32),
+            "label": rng.integers(0, 1000, args.batch).astype(np.int32),
+        }, mesh)
+
+        def run_jax():
+            state[0] = jax.block_until_ready(jax_step(state[0], batch))[0]
+
+        run_jax()  # compile
+        run_torch = torch_train_step(cfg, dtype, args.batch, torch)
+        jax_s = torch_s = math.inf
+        for _ in range(2):  # alternate, keep the best median of each
+            torch_s = min(torch_s, median_seconds(run_torch, args.warmup, args.iters))
+            jax_s = min(jax_s, median_seconds(run_jax, args.warmup, args.iters))
+    gflop = 6 * flops.dit_macs(cfg) * args.batch / 1e9
+    print(f"[{args.model} train step, batch {args.batch}, {dtype}] torch {torch_s:.3f} s "
+          f"({gflop / torch_s:.0f} GFLOP/s) | ours {jax_s:.3f} s ({gflop / jax_s:.0f} "
+          f"GFLOP/s) | ours/torch images/s {torch_s / jax_s:.2f}x")
+    return torch_s / jax_s
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="DiT-B/2")
@@ -144,14 +230,20 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--what", default="forward", help="comma list: forward, train")
     args = p.parse_args(argv)
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    if not what or set(what) - {"forward", "train"}:
+        p.error(f"--what takes a comma list of forward, train; got {args.what!r}")
     try:
         import torch
     except ImportError:
         p.error("needs torch (the optional extra): pip install torch (CPU wheel)")
     torch.set_num_threads(os.cpu_count())
     print(f"machine: {machine()} | torch {torch.__version__}, {torch.get_num_threads()} threads")
-    speedups = {dtype: compare(args, dtype, torch) for dtype in args.dtypes.split(",")}
+    functions = {"forward": compare, "train": compare_train}
+    speedups = {f"{w}_{dtype}": functions[w](args, dtype, torch)
+                for w in what for dtype in args.dtypes.split(",")}
     print(" ".join(f"speedup_{k}={v:.2f}" for k, v in speedups.items()))
 
 

@@ -10,6 +10,8 @@ counted once) are explained in the benchmark's docstring and not asserted here.
 import importlib.util
 import os
 
+import pytest
+
 from tests.helpers import REPO
 
 
@@ -41,3 +43,22 @@ def test_throughput_rows(capsys):
     table = [line for line in out.splitlines() if "| DiT-S/2 |" in line]
     assert len(table) == 2 and all("DiT-S/2" in line for line in table)
     assert "`python bench/throughput.py --models=DiT-S/2" in table[0]
+
+
+def test_torch_reference_forward_and_train_rows(capsys):
+    """bench/torch_reference.py (the PyTorch baseline; runs only where torch is installed):
+    both measurements on DiT-S/2, one line each and the summary line."""
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location(
+        "torch_reference", os.path.join(REPO, "bench", "torch_reference.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--model=DiT-S/2", "--batch=2", "--what=forward,train", "--dtypes=float32",
+                 "--iters=1", "--warmup=0"])
+    out = capsys.readouterr().out.splitlines()
+    assert "[DiT-S/2 forward, batch 2, float32] torch" in out[1]
+    assert "[DiT-S/2 train step, batch 2, float32] torch" in out[2]
+    speedups = dict(item.split("=") for item in out[-1].split())
+    assert set(speedups) == {"speedup_forward_float32", "speedup_train_float32"}
+    assert all(float(v) > 0 for v in speedups.values())
