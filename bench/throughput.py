@@ -232,8 +232,15 @@ def measure(fn, args, *, warmup: int, iters: int, carry=None):
                   compiled=compiled, mem=mem, mem_text=mem_text, median_s=None, args=args,
                   hlo_flops=xla_flops(lowered))
     free = available_host_bytes() if jax.devices()[0].platform == "cpu" else None
-    if mem is not None and free is not None and mem > 0.9 * free:
-        result["skipped"] = f"needs {mem / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
+    # Host bytes the run adds: the share of every device it runs on, less the arguments
+    # (parameters, train state), which are resident already.
+    arrays = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
+    devices = {d for x in arrays for d in x.devices()}
+    resident = sum(x.nbytes for x in arrays)
+    new_bytes = None if mem is None else mem * max(1, len(devices)) - resident
+    if new_bytes is not None and free is not None and new_bytes > 0.9 * free:
+        result["skipped"] = (f"needs {new_bytes / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB "
+                             "available")
         return result
     times = []
     for i in range(warmup + iters):
