@@ -137,14 +137,20 @@ def compare(args, dtype: str, torch) -> float:
 
     run_jax = lambda: jax.block_until_ready(forward(state, jx, jt, jy))
     run_jax()  # compile
+    return race(args, f"forward, batch {args.batch}, {dtype}", run_torch, run_jax,
+                gflop=2 * flops.dit_macs(cfg) * args.batch / 1e9)
+
+
+def race(args, label: str, run_torch, run_jax, *, gflop: float) -> float:
+    """Alternate the two (twice, keeping the best median of each), print the line for
+    `label`; returns ours/torch images/s."""
     jax_s = torch_s = math.inf
-    for _ in range(2):  # alternate, keep the best median of each
+    for _ in range(2):
         torch_s = min(torch_s, median_seconds(run_torch, args.warmup, args.iters))
         jax_s = min(jax_s, median_seconds(run_jax, args.warmup, args.iters))
-    gflop = 2 * flops.dit_macs(cfg) * args.batch / 1e9
-    print(f"[{args.model} forward, batch {args.batch}, {dtype}] torch {torch_s:.3f} s "
-          f"({gflop / torch_s:.0f} GFLOP/s) | ours {jax_s:.3f} s ({gflop / jax_s:.0f} "
-          f"GFLOP/s) | ours/torch images/s {torch_s / jax_s:.2f}x")
+    print(f"[{args.model} {label}] torch {torch_s:.3f} s ({gflop / torch_s:.0f} GFLOP/s) | "
+          f"ours {jax_s:.3f} s ({gflop / jax_s:.0f} GFLOP/s) | ours/torch images/s "
+          f"{torch_s / jax_s:.2f}x")
     return torch_s / jax_s
 
 
@@ -211,16 +217,9 @@ def compare_train(args, dtype: str, torch) -> float:
             state[0] = jax.block_until_ready(jax_step(state[0], batch))[0]
 
         run_jax()  # compile
-        run_torch = torch_train_step(cfg, dtype, args.batch, torch)
-        jax_s = torch_s = math.inf
-        for _ in range(2):  # alternate, keep the best median of each
-            torch_s = min(torch_s, median_seconds(run_torch, args.warmup, args.iters))
-            jax_s = min(jax_s, median_seconds(run_jax, args.warmup, args.iters))
-    gflop = 6 * flops.dit_macs(cfg) * args.batch / 1e9
-    print(f"[{args.model} train step, batch {args.batch}, {dtype}] torch {torch_s:.3f} s "
-          f"({gflop / torch_s:.0f} GFLOP/s) | ours {jax_s:.3f} s ({gflop / jax_s:.0f} "
-          f"GFLOP/s) | ours/torch images/s {torch_s / jax_s:.2f}x")
-    return torch_s / jax_s
+        return race(args, f"train step, batch {args.batch}, {dtype}",
+                    torch_train_step(cfg, dtype, args.batch, torch), run_jax,
+                    gflop=6 * flops.dit_macs(cfg) * args.batch / 1e9)
 
 
 def main(argv=None) -> None:
