@@ -31,6 +31,7 @@ per (what, dtype).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -50,6 +51,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    LATENT_CHANNELS,
+    LATENT_SIZE,
+    NUM_CLASSES,
+    random_inputs,
+    run_config,
+)
 from dydit_jax import flops, parallel, train_lib  # noqa: E402
 from dydit_jax.models import create_model, model_config  # noqa: E402
 
@@ -156,8 +164,6 @@ def race(args, label: str, run_torch, run_jax, *, gflop: float) -> float:
 
 def torch_train_step(cfg, dtype: str, batch: int, torch):
     """One step of the reference training loop on a fixed batch of latents (module docstring)."""
-    import copy
-
     model = torch_dit(cfg, torch).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
@@ -193,13 +199,11 @@ def torch_train_step(cfg, dtype: str, batch: int, torch):
 def compare_train(args, dtype: str, torch) -> float:
     """Time torch's and our training step of `args.model` in `dtype`; returns ours/torch
     images/s."""
-    cfg = model_config(args.model, input_size=32, in_channels=4, num_classes=1000, dtype=dtype)
-    config = train_lib.base_config()
-    config.model = args.model
-    config.model_overrides.update(dtype=dtype, scan_blocks=True)  # configs/dit.py's default
-    config.image_size, config.in_channels, config.num_classes = 32, 4, 1000
-    config.global_batch_size = args.batch
-    config.dataset = "latents"
+    cfg = model_config(args.model, input_size=LATENT_SIZE, in_channels=LATENT_CHANNELS,
+                       num_classes=NUM_CLASSES, dtype=dtype)
+    # configs/dit.py's default: scan over the blocks
+    config = run_config(args.model, {"dtype": dtype, "scan_blocks": True},
+                        argparse.Namespace(image_size=LATENT_SIZE, batch=args.batch))
     mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         parts = train_lib.build_model(train_lib.validate_config(config), mesh, seed=0)
@@ -207,11 +211,8 @@ def compare_train(args, dtype: str, torch) -> float:
         state = [train_lib.init_state(parts, tx, mesh)]
         parts.params = None  # the state owns (and the step donates) the parameters
         jax_step = train_lib.make_train_step(parts, tx, config, mesh)
-        rng = np.random.default_rng(0)
-        batch = parallel.global_batch({
-            "latents": rng.standard_normal((args.batch, 32, 32, 4)).astype(np.float32),
-            "label": rng.integers(0, 1000, args.batch).astype(np.int32),
-        }, mesh)
+        host = random_inputs(args.batch, LATENT_SIZE, NUM_CLASSES, seed=0)
+        batch = parallel.global_batch({"latents": host["x"], "label": host["y"]}, mesh)
 
         def run_jax():
             state[0] = jax.block_until_ready(jax_step(state[0], batch))[0]
