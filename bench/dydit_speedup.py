@@ -88,10 +88,10 @@ def spread_fractions(mean: float, count: int) -> np.ndarray:
     return np.clip((lo + hi) / 2 + offsets, 0, 1)
 
 
-def random_backbone(parts, seed: int):
+def random_backbone(params, seed: int):
     """Initialised weights plus small random adaLN / final layers (zero-init would make
     every block an identity, which no trained model is)."""
-    params = jax.device_get(parts.params)
+    params = jax.device_get(params)
     rng = np.random.default_rng(seed)
 
     def perturb(path, x):
@@ -103,27 +103,52 @@ def random_backbone(parts, seed: int):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+def dit_subset(dydit_params):
+    """DiT's parameters out of a DyDiT's: the same tree without the routers."""
+    params = dict(dydit_params)
+    params["blocks"] = {
+        i: {m: p for m, p in b.items() if m in ("attn", "mlp", "adaLN")}
+        for i, b in params["blocks"].items()
+    }
+    return params
+
+
 def token_biases(parts, params, inputs, token_keep: float):
     """Per layer, the token-router bias that keeps `token_keep` of the tokens of the DyDiT
     (its width masks on, earlier layers' token masks applied) on the model inputs
     `(x, t, y)`; set layer by layer since each changes what the next one sees."""
     model = nnx.merge(parts.graphdef, params, parts.buffers)
-    # weights as arguments, not closed over (XLA would embed them as constants: 2.7 GB at XL)
+    block_graphdef = nnx.graphdef(model.blocks[0])
+    # Weights as arguments, not closed over (XLA would embed them as constants: 2.7 GB at
+    # XL); one compiled call per half, shared by every layer.
     embed_all = jax.jit(
         lambda p, *a: nnx.merge(parts.graphdef, p, parts.buffers).embed_all(*a)
     )
-    tokens, t_emb, c = embed_all(params, *inputs)
-    biases = []
-    for block in model.blocks:
+
+    @jax.jit
+    def attention_half(state, tokens, t_emb, c):
+        block = nnx.merge(block_graphdef, state)
         head_logits, group_logits = block.width_logits(t_emb)
         heads = block.full_width((head_logits > 0).astype(jnp.float32))
         groups = block.full_width((group_logits > 0).astype(jnp.float32))
         mods = block.adaLN(c)
         tokens = block.attention_residual(tokens, mods, heads)
-        logits = np.asarray(block.token_logits(tokens)) - float(block.token_fc2.bias[0])
+        return tokens, block.token_logits(tokens) - block.token_fc2.bias[0], mods, groups
+
+    @jax.jit
+    def mlp_half(state, tokens, mods, groups, keep):
+        block = nnx.merge(block_graphdef, state)
+        return tokens + keep * mods[5][:, None] * block.mlp_branch(tokens, mods, groups)
+
+    tokens, t_emb, c = embed_all(params, *inputs)
+    biases = []
+    for layer in range(len(model.blocks)):
+        state = jax.device_put(params["blocks"][layer])
+        tokens, logits, mods, groups = attention_half(state, tokens, t_emb, c)
+        logits = np.asarray(logits)
         biases.append(-np.quantile(logits, 1 - token_keep))
         keep = jnp.asarray(logits + biases[-1] > 0, jnp.float32)[..., None]
-        tokens = tokens + keep * mods[5][:, None] * block.mlp_branch(tokens, mods, groups)
+        tokens = mlp_half(state, tokens, mods, groups, keep)
     return biases
 
 
@@ -137,9 +162,10 @@ def noise_inputs(cfg, timesteps, batch: int, seed: int):
     return x, t, jnp.asarray(rng.integers(0, cfg.num_classes, len(t)), jnp.int32)
 
 
-def trajectory_inputs(parts, params, args, batch: int):
-    """(x, t, y) the masked DyDiT sees at every step of the benchmark's own sampler (DDPM,
-    guidance: both halves), on `batch` images of the benchmark's labels."""
+def trajectory_inputs(parts, params, args, batch: int, rows: int):
+    """(x, t, y) the masked DyDiT sees along the benchmark's own sampler (DDPM, guidance:
+    both halves) on `batch` images of the benchmark's labels: at most `rows` of them, spread
+    evenly over the steps (each row costs a forward in `token_biases`)."""
     cfg = parts.config
     graphdef, buffers = parts.graphdef, parts.buffers
     forward = jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p, buffers)(x, t, y))
@@ -164,7 +190,9 @@ def trajectory_inputs(parts, params, args, batch: int):
     for i in range(diffusion.num_timesteps):
         step = jnp.asarray(diffusion.num_timesteps - 1 - i, jnp.int32)
         x = sampler_step(diffusion, model_fn, x, step, keys)
-    return tuple(jnp.concatenate(parts_, axis=0) for parts_ in zip(*seen, strict=True))
+    seen = [jnp.concatenate(parts_, axis=0) for parts_ in zip(*seen, strict=True)]
+    chosen = np.unique(np.linspace(0, len(seen[0]) - 1, min(rows, len(seen[0]))).astype(int))
+    return tuple(part[chosen] for part in seen)
 
 
 def synthetic_routers(parts, params, ratio: float, timesteps, args):
@@ -205,7 +233,7 @@ def synthetic_routers(parts, params, ratio: float, timesteps, args):
         for layer, bias in enumerate(token_biases(parts, params, inputs, token_keep)):
             params["blocks"][layer]["token_fc2"]["bias"] = np.float32([bias])
         if round_ < args.token_rounds:
-            inputs = trajectory_inputs(parts, params, args, batch=4)
+            inputs = trajectory_inputs(parts, params, args, batch=2, rows=32)
     return params
 
 
@@ -339,17 +367,18 @@ def paper_size(args) -> list[dict]:
                                     num_classes=1000, dtype=args.dtype)
         mesh = parallel.make_mesh((-1, 1, 1))
         with jax.set_mesh(mesh):
-            dit_parts = train_lib.build_model(dit_config, mesh, seed=0)
+            # Only the DyDiT is initialised (on device: 10-20 s of compile at B/2 on CPU);
+            # the DiT runs its backbone.
+            dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
             dydit_parts = train_lib.build_model(dydit_config, mesh, seed=0)
-            backbone = random_backbone(dit_parts, args.seed)
+            full = random_backbone(dydit_parts.params, args.seed)
+            backbone = dit_subset(full)
             timesteps = create_diffusion(args.steps_spec).timestep_map[::-1]
             ratio = target_ratio(dydit_config, size, lam)
-            full = jax.device_get(dydit_parts.params) | backbone
-            full["blocks"] = {
-                i: jax.device_get(dydit_parts.params["blocks"][i]) | backbone["blocks"][i]
-                for i in backbone["blocks"]
-            }
+            start = time.perf_counter()
             routed = synthetic_routers(dydit_parts, full, ratio, timesteps, args)
+            print(f"[{size} lambda={lam}] synthetic routers set in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
             results.append(compare(f"{size} lambda={lam} (target ratio {ratio:.3f})",
                                    dit_parts, backbone, dydit_parts, routed, mesh, args))
     return results
@@ -365,11 +394,7 @@ def trained_digits(args) -> list[dict]:
             **dict(config.model_overrides),
         )
         dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
-        backbone = dict(jax.device_get(weights))
-        backbone["blocks"] = {
-            i: {m: p for m, p in b.items() if m in ("attn", "mlp", "adaLN")}
-            for i, b in backbone["blocks"].items()
-        }
+        backbone = dit_subset(jax.device_get(weights))
         return [compare(f"trained digits DyDiT ({args.workdir})", dit_parts, backbone,
                         dydit_parts, weights, mesh, args)]
 
@@ -415,12 +440,14 @@ def main(argv=None) -> None:
     p.add_argument("--mlp_shape_budget", type=int, default=32,
                    help="most (groups, capacity) token-MLP shapes compiled")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="B/2, lambda 0.5, 4 steps, 1 repeat")
+    p.add_argument("--quick", action="store_true",
+                   help="B/2, lambda 0.5, 4 steps, 1 repeat, 1 token round")
     p.add_argument("--shapes_only", action="store_true",
                    help="no timing: compiled token-MLP shapes and executed FLOPs per budget")
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.lambdas, args.steps, args.repeats = "B/2", [0.5], 4, 1
+        args.token_rounds = 1
     for lam in args.lambdas:
         if not args.workdir and lam not in PAPER_GFLOPS[args.model]:
             known = sorted(PAPER_GFLOPS[args.model])
