@@ -7,7 +7,7 @@ separately. The last line reads `wall_speedup=<x> flops_speedup=<y>` (of the las
 Paper sizes (random backbone, synthetic routers, 32x32x4 latents, 1000 classes):
 
   python bench/dydit_speedup.py --model=B/2 --lambdas=0.7,0.5 --steps=10 --batch=8
-  python bench/dydit_speedup.py --quick                       # ~3 min on 2 CPU cores
+  python bench/dydit_speedup.py --quick                       # ~3.5 min on 2 CPU cores
   python bench/dydit_speedup.py --steps=250 --shapes_only      # compiled shapes per budget
   python bench/dydit_speedup.py --model=XL/2 --steps=250 --batch=32 --dtype=bfloat16  # GPU
 

@@ -93,7 +93,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from dydit_jax import flops, models, parallel, sample_lib, train_lib  # noqa: E402
+from dydit_jax import flops, models, parallel, sample_lib, train_lib, xla_cpu  # noqa: E402
 
 LATENT_SIZE, LATENT_CHANNELS, NUM_CLASSES = 32, 4, 1000  # ImageNet 256px through the KL-f8 VAE
 DEFAULT_MODELS = "DiT-B/2,U-DiT-B,DiT-XL/2"
@@ -271,8 +271,8 @@ def forward_fn(parts, mesh):
         return nnx.merge(parts.graphdef, params, parts.buffers)(x, t, y)
 
     rows = parallel.batch_sharding(mesh)
-    return jax.jit(forward, in_shardings=(parts.param_shardings, rows, rows, rows),
-                   out_shardings=rows)
+    return xla_cpu.jit(forward, model=parts.config,
+                       in_shardings=(parts.param_shardings, rows, rows, rows), out_shardings=rows)
 
 
 def bench_model(name: str, args, mesh) -> list[dict]:

@@ -58,7 +58,7 @@ from bench.throughput import (  # noqa: E402
     random_inputs,
     run_config,
 )
-from dydit_jax import flops, parallel, train_lib  # noqa: E402
+from dydit_jax import flops, parallel, train_lib, xla_cpu  # noqa: E402
 from dydit_jax.models import create_model, model_config  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def compare(args, dtype: str, torch) -> float:
     ours = create_model(args.model, input_size=32, in_channels=4, num_classes=1000,
                         dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(ours)
-    forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))
+    forward = xla_cpu.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), model=cfg)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 32, 32, 4)).astype(np.float32)
     t = rng.integers(0, 1000, args.batch)

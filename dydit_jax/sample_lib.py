@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import parallel
+from dydit_jax import parallel, xla_cpu
 
 SAMPLERS = diffusion_lib.SAMPLERS
 
@@ -94,8 +94,9 @@ def make_batch_sampler(
 
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    return jax.jit(
-        sample, in_shardings=(parts.param_shardings, rep, rows, rows), out_shardings=rows
+    return xla_cpu.jit(
+        sample, model=config, in_shardings=(parts.param_shardings, rep, rows, rows),
+        out_shardings=rows,
     )
 
 

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import dynamic, flops, models, parallel, sample_lib
+from dydit_jax import dynamic, flops, models, parallel, sample_lib, xla_cpu
 from dydit_jax.models import layers
 
 # ----------------------------------------------------------------------------- config
@@ -580,8 +580,9 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
 
     shardings = state_shardings(parts, tx, mesh)
     rows = parallel.batch_sharding(mesh)
-    return jax.jit(
+    return xla_cpu.jit(
         step_fn,
+        model=parts.config,
         in_shardings=(shardings, rows),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),

@@ -22,6 +22,7 @@ layer, guidance and the sampler update. Nothing waits for the device inside a ba
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import flops, parallel, sample_lib
+from dydit_jax import flops, parallel, sample_lib, xla_cpu
 from dydit_jax.dynamic import plan as plan_lib
 from dydit_jax.dynamic.plan import WidthPlan, width_plan
 from dydit_jax.models.dydit import DyDiTConfig
@@ -215,11 +216,12 @@ class DyDiTEngine:
 
         # Fixed output shardings: every call's inputs match what its executable was built for.
         rows = self._rows
-        self._initial = jax.jit(initial, out_shardings=(rows, rows))
-        self._embed = jax.jit(embed, out_shardings=(rows, rows))
-        self._attention = jax.jit(attention, out_shardings=(rows, rows))
-        self._token_mlp = jax.jit(token_mlp, static_argnums=5, out_shardings=(rows, rows))
-        self._finish = jax.jit(finish, donate_argnums=(3,), out_shardings=rows)
+        jit = functools.partial(xla_cpu.jit, model=cfg)
+        self._initial = jit(initial, out_shardings=(rows, rows))
+        self._embed = jit(embed, out_shardings=(rows, rows))
+        self._attention = jit(attention, out_shardings=(rows, rows))
+        self._token_mlp = jit(token_mlp, static_argnums=5, out_shardings=(rows, rows))
+        self._finish = jit(finish, donate_argnums=(3,), out_shardings=rows)
 
     def _schedule(self) -> None:
         """What runs at each (step, layer): head count (active, rounded up to the width
