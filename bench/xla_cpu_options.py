@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from bench.throughput import forward_fn, random_inputs, run_config  # noqa: E402
+from bench.throughput import forward_fn, parse_overrides, random_inputs, run_config  # noqa: E402
 from dydit_jax import parallel, train_lib, xla_cpu  # noqa: E402
 
 
@@ -43,12 +43,10 @@ def main(argv=None) -> dict:
     p.add_argument("--image_size", type=int, default=32, help="latent side")
     p.add_argument("--iters", type=int, default=3, help="timed runs of each variant")
     p.add_argument("--what", default="forward,train")
-    p.add_argument("--override", default="", help="model options, e.g. depth=2")
+    p.add_argument("--override", type=parse_overrides, default={},
+                   help="model options, e.g. depth=2 (as bench/throughput.py's)")
     args = p.parse_args(argv)
-    overrides = {"dtype": args.dtype}
-    for item in filter(None, args.override.split(",")):
-        key, value = item.split("=")
-        overrides[key] = int(value)
+    overrides = {"dtype": args.dtype, **args.override}
     if not args.model.startswith("U-DiT"):
         overrides["scan_blocks"] = True  # configs/dit.py's default
     config = run_config(args.model, overrides, args)
@@ -84,11 +82,11 @@ def main(argv=None) -> dict:
             # the step donates its state: each variant starts from its own copy
             fresh_state = lambda: train_lib.init_state(with_params(parts, weights), tx, mesh)
             for name, options in variants.items():
+                state = [fresh_state()]
                 with xla_options(options):
                     step = train_lib.make_train_step(parts, tx, config, mesh)
-                    compiled = step.lower(fresh_state(), batch).compile()
+                    compiled = step.lower(state[0], batch).compile()
                 check_options(compiled, options)
-                state = [fresh_state()]
 
                 def run(c=compiled, state=state):
                     state[0] = c(state[0], batch)[0]
