@@ -8,6 +8,7 @@ Paper sizes (random backbone, synthetic routers, 32x32x4 latents, 1000 classes):
 
   python bench/dydit_speedup.py --model=B/2 --lambdas=0.7,0.5 --steps=10 --batch=8
   python bench/dydit_speedup.py --quick                       # ~3.5 min on 2 CPU cores
+  python bench/dydit_speedup.py --quick --profile             # + where the engine's time goes
   python bench/dydit_speedup.py --steps=250 --shapes_only      # compiled shapes per budget
   python bench/dydit_speedup.py --model=XL/2 --steps=250 --batch=32 --dtype=bfloat16  # GPU
 
@@ -335,6 +336,41 @@ def shape_budgets(name, engine: DyDiTEngine, rows, args) -> dict:
     return {"name": name, "achieved_flops_ratio": achieved, "budgets": table, **report}
 
 
+def print_profile(engine: DyDiTEngine, rows, result: dict, batch: int) -> None:
+    """Where the engine's time goes: one batch with a wait after every call
+    (`DyDiTEngine.profile`), per call kind and per shape, against the rate at which the DiT
+    sampler ran its blocks' multiply-adds (what the engine's calls would need to match)."""
+    records = engine.profile(jax.random.key(0), rows["i"], rows["y"])
+
+    def rate(calls) -> float:  # GMAC/s
+        return sum(r["macs"] for r in calls) / sum(r["seconds"] for r in calls) / 1e9
+
+    total = sum(r["seconds"] for r in records)
+    print(f"    profile (one batch, a wait after each call): {total:.2f} s, unprofiled "
+          f"{result['dydit_s_per_img'] * batch:.2f} s")
+    for kind in ("attention", "token_mlp", "embed", "finish"):
+        calls = [r for r in records if r["kind"] == kind]
+        seconds, macs = sum(r["seconds"] for r in calls), sum(r["macs"] for r in calls)
+        shown = f"  {rate(calls):6.1f} GMAC/s" if macs else ""
+        print(f"      {kind:9s} {len(calls):4d} calls {seconds:7.2f} s {macs / 1e9:8.1f} GMACs"
+              f"{shown}")
+    for kind, field in (("attention", "heads"), ("token_mlp", "groups")):
+        by_width: dict[int, list] = {}
+        for r in records:
+            if r["kind"] == kind:
+                by_width.setdefault(r[field], []).append(r)
+        rates = ", ".join(
+            f"{w}: {len(rs)}x {rate(rs):.1f}" for w, rs in sorted(by_width.items())
+        )
+        print(f"      {kind} GMAC/s by {field} ({field}: calls x rate): {rates}")
+    cfg = engine.config
+    attn, mlp = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
+    guided_rows = batch * (2 if engine.guided else 1)
+    dit_macs = engine.plan.num_steps * cfg.depth * guided_rows * (attn + mlp)
+    print(f"      DiT sampler: {dit_macs / (result['dit_s_per_img'] * batch) / 1e9:.1f} GMAC/s "
+          f"over its blocks (whole batch time)")
+
+
 def print_result(r, steps: int) -> None:
     print(
         f"[{r['name']}] DiT {r['dit_s_per_img']:.3f} s/img  DyDiT {r['dydit_s_per_img']:.3f} "
@@ -417,6 +453,8 @@ def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) 
         return shape_budgets(name, engine, rows, args)
     result = run_variant(name, dit_fn, engine, rows, args.repeats, args.batch, cfg)
     print_result(result, args.steps)
+    if args.profile:
+        print_profile(engine, rows, result, args.batch)
     return result
 
 
@@ -442,6 +480,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="B/2, lambda 0.5, 4 steps, 1 repeat, 1 token round")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timing, one engine batch timed call by call")
     p.add_argument("--shapes_only", action="store_true",
                    help="no timing: compiled token-MLP shapes and executed FLOPs per budget")
     args = p.parse_args(argv)

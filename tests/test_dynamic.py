@@ -241,3 +241,38 @@ def test_sample_py_runs_the_engine_for_dydit(dydit_workdir, tmp_path):
                            "--token_capacity=lots")
     assert proc.returncode != 0 and "token capacity 'lots'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_profile_times_every_call_and_counts_the_executed_flops():
+    parts, params, mesh = random_dydit(seed=2)
+    options = dict(mesh=mesh, sampling_steps=STEPS, cfg_scale=2.0, guided_channels=-1)
+    with jax.set_mesh(mesh):
+        engine = DyDiTEngine(parts, params, capacity=0.75, capacity_multiple=1, **options)
+        records = engine.profile(*batch(mesh))
+    cfg, steps = parts.config, engine.plan.num_steps
+    assert len(records) == steps * (2 * cfg.depth + 2)
+    assert all(r["seconds"] > 0 for r in records)
+    assert [r["kind"] for r in records[: 2 * cfg.depth + 2]] == (
+        ["embed"] + ["attention", "token_mlp"] * cfg.depth + ["finish"]
+    )
+    # The calls' multiply-adds over a DiT's (16 rows: 8 images, both guidance halves) are the
+    # executed FLOPs ratio the report computes from the schedule.
+    attn, mlp = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
+    executed = sum(r["macs"] for r in records) / (steps * cfg.depth * 16 * (attn + mlp))
+    assert executed == pytest.approx(engine.report()["executed_flops_ratio"], rel=1e-9)
+    assert executed < 0.9  # heads, groups and tokens really are cut
+    assert engine.network_rows == 0  # profiling leaves the sampling statistics alone
+
+
+def test_speedup_bench_on_a_trained_digits_dydit(dydit_workdir, capsys):
+    from bench import dydit_speedup
+
+    dydit_speedup.main([f"--workdir={dydit_workdir}", "--steps=2", "--batch=8",
+                        "--repeats=1", "--profile"])
+    out = capsys.readouterr().out.strip().splitlines()
+    speedups = dict(item.split("=") for item in out[-1].split())
+    assert set(speedups) == {"wall_speedup", "flops_speedup"}
+    assert all(float(v) > 0 for v in speedups.values())
+    text = "\n".join(out)
+    assert "wall/FLOPs" in text and "profile (one batch" in text
+    assert "GMAC/s by heads" in text and "DiT sampler:" in text

@@ -434,6 +434,49 @@ class DyDiTEngine:
         self.sample_seconds += time.perf_counter() - start
         return out
 
+    def profile(self, key, indices, labels) -> list[dict]:
+        """One batch that waits after every compiled call (so slower than `__call__`, which
+        never waits), to find where the time goes: per call its kind ("embed", "attention",
+        "token_mlp", "finish"), step, layer, shape (heads / groups and capacity as run,
+        padding included), seconds, and the multiply-adds of the block branch it executes
+        (`flops.block_costs` scaled to the shape). Token statistics are not accumulated."""
+        program = self.prepare(key, indices, labels)
+        cfg = self.config
+        attn_macs, _ = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
+        group_width = cfg.mlp_hidden // cfg.num_heads
+        records: list[dict] = []
+
+        def timed(kind, fn, *args, **info):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            records.append({"kind": kind, "seconds": time.perf_counter() - start, **info})
+            return out
+
+        params = self.params
+        x, keys = jax.block_until_ready(program["initial"](key, indices, labels))
+        rows = x.shape[0]  # both guidance halves
+        for s in range(self.plan.num_steps):
+            tokens, c = timed("embed", program["embed"], params, x, self._timesteps[s], labels,
+                              step=s, layer=-1, macs=0)
+            for layer, (attention, attn_args, token_mlp, mlp_args) in enumerate(
+                program["steps"][s]
+            ):
+                heads = attn_args[1].shape[0]
+                tokens, mods = timed(
+                    "attention", attention, *attn_args, tokens, c, step=s, layer=layer,
+                    heads=heads, macs=rows * attn_macs * heads // cfg.num_heads,
+                )
+                groups = mlp_args[1].shape[0]
+                capacity = min(int(self.capacity_run[s, layer]), cfg.num_tokens)
+                tokens, _ = timed(
+                    "token_mlp", token_mlp, *mlp_args, tokens, mods, step=s, layer=layer,
+                    groups=groups, capacity=capacity,
+                    macs=rows * 2 * capacity * cfg.hidden_size * groups * group_width,
+                )
+            x = timed("finish", program["finish"], params, tokens, c, x, self._steps[s], keys,
+                      step=s, layer=-1, macs=0)
+        return records
+
     # -------------------------------------------------------------------------- report
 
     def report(self) -> dict:
