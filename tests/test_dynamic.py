@@ -255,6 +255,10 @@ def test_profile_times_every_call_and_counts_the_executed_flops():
     assert [r["kind"] for r in records[: 2 * cfg.depth + 2]] == (
         ["embed"] + ["attention", "token_mlp"] * cfg.depth + ["finish"]
     )
+    assert [(r["step"], r["layer"]) for r in records[-2 * cfg.depth - 2:]] == (
+        [(steps - 1, -1)] + [(steps - 1, i) for i in range(cfg.depth) for _ in "am"]
+        + [(steps - 1, -1)]
+    )
     # The calls' multiply-adds over a DiT's (16 rows: 8 images, both guidance halves) are the
     # executed FLOPs ratio the report computes from the schedule.
     attn, mlp = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)

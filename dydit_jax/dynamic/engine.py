@@ -406,22 +406,7 @@ class DyDiTEngine:
             return self.calibrate(key, indices, labels, **options)
         program = self.prepare(key, indices, labels)
         start = time.perf_counter()
-        params, embed, finish = self.params, program["embed"], program["finish"]
-        x, keys = program["initial"](key, indices, labels)
-        stats = []
-        for s in range(self.plan.num_steps):
-            tokens, c = embed(params, x, self._timesteps[s], labels)
-            for layer, (attention, attn_args, token_mlp, mlp_args) in enumerate(
-                program["steps"][s]
-            ):
-                tokens, mods = attention(*attn_args, tokens, c)
-                tokens, block_stats = token_mlp(*mlp_args, tokens, mods)
-                stats.append(block_stats)
-                if self._pace_every and layer % (self._pace_every // 2) == 0:
-                    tokens.block_until_ready()
-            x = finish(params, tokens, c, x, self._steps[s], keys)
-            if self._pace_every:
-                x.block_until_ready()
+        x, stats = self._run(program, key, indices, labels, lambda _kind, _where, fn, *a: fn(*a))
         # Wait for the batch: the timing covers all of it, and no program with collectives
         # is left in flight when the caller dispatches another (see `prepare`).
         out = jax.block_until_ready(x[: labels.shape[0]])
@@ -434,6 +419,30 @@ class DyDiTEngine:
         self.sample_seconds += time.perf_counter() - start
         return out
 
+    def _run(self, program: dict, key, indices, labels, call) -> tuple[jax.Array, list]:
+        """The sampling loop of one batch over a prepared program: (the final x, per block
+        its token statistics). Every compiled call goes through `call(kind, (step, layer),
+        fn, *args)` (kind: "embed", "attention", "token_mlp", "finish"; layer -1 for embed and
+        finish); `profile` times them."""
+        params, embed, finish = self.params, program["embed"], program["finish"]
+        x, keys = program["initial"](key, indices, labels)
+        stats = []
+        for s in range(self.plan.num_steps):
+            tokens, c = call("embed", (s, -1), embed, params, x, self._timesteps[s], labels)
+            for layer, (attention, attn_args, token_mlp, mlp_args) in enumerate(
+                program["steps"][s]
+            ):
+                where = (s, layer)
+                tokens, mods = call("attention", where, attention, *attn_args, tokens, c)
+                tokens, block_stats = call("token_mlp", where, token_mlp, *mlp_args, tokens, mods)
+                stats.append(block_stats)
+                if self._pace_every and layer % (self._pace_every // 2) == 0:
+                    tokens.block_until_ready()
+            x = call("finish", (s, -1), finish, params, tokens, c, x, self._steps[s], keys)
+            if self._pace_every:
+                x.block_until_ready()
+        return x, stats
+
     def profile(self, key, indices, labels) -> list[dict]:
         """One batch that waits after every compiled call (so slower than `__call__`, which
         never waits), to find where the time goes: per call its kind ("embed", "attention",
@@ -444,37 +453,28 @@ class DyDiTEngine:
         cfg = self.config
         attn_macs, _ = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
         group_width = cfg.mlp_hidden // cfg.num_heads
+        rows = indices.shape[0] * (2 if self.guided else 1)  # both guidance halves
         records: list[dict] = []
 
-        def timed(kind, fn, *args, **info):
+        def timed(kind, where, fn, *args):
             start = time.perf_counter()
             out = jax.block_until_ready(fn(*args))
-            records.append({"kind": kind, "seconds": time.perf_counter() - start, **info})
+            step, layer = where
+            record = {"kind": kind, "step": step, "layer": layer, "macs": 0,
+                      "seconds": time.perf_counter() - start}
+            # the shape as run: the length of the kept index array (args[1], padding included)
+            if kind == "attention":
+                heads = args[1].shape[0]
+                record |= {"heads": heads, "macs": rows * attn_macs * heads // cfg.num_heads}
+            elif kind == "token_mlp":
+                groups = args[1].shape[0]
+                capacity = min(int(self.capacity_run[step, layer]), cfg.num_tokens)
+                record |= {"groups": groups, "capacity": capacity,
+                           "macs": rows * 2 * capacity * cfg.hidden_size * groups * group_width}
+            records.append(record)
             return out
 
-        params = self.params
-        x, keys = jax.block_until_ready(program["initial"](key, indices, labels))
-        rows = x.shape[0]  # both guidance halves
-        for s in range(self.plan.num_steps):
-            tokens, c = timed("embed", program["embed"], params, x, self._timesteps[s], labels,
-                              step=s, layer=-1, macs=0)
-            for layer, (attention, attn_args, token_mlp, mlp_args) in enumerate(
-                program["steps"][s]
-            ):
-                heads = attn_args[1].shape[0]
-                tokens, mods = timed(
-                    "attention", attention, *attn_args, tokens, c, step=s, layer=layer,
-                    heads=heads, macs=rows * attn_macs * heads // cfg.num_heads,
-                )
-                groups = mlp_args[1].shape[0]
-                capacity = min(int(self.capacity_run[s, layer]), cfg.num_tokens)
-                tokens, _ = timed(
-                    "token_mlp", token_mlp, *mlp_args, tokens, mods, step=s, layer=layer,
-                    groups=groups, capacity=capacity,
-                    macs=rows * 2 * capacity * cfg.hidden_size * groups * group_width,
-                )
-            x = timed("finish", program["finish"], params, tokens, c, x, self._steps[s], keys,
-                      step=s, layer=-1, macs=0)
+        jax.block_until_ready(self._run(program, key, indices, labels, timed))
         return records
 
     # -------------------------------------------------------------------------- report
