@@ -8,7 +8,8 @@ format), OUT/grid.png and OUT/run.json. Latent models decode with --vae=DIR (wri
 `python -m dydit_jax.convert vae`). Long runs are resumable: finished batches are kept in
 OUT/parts/ and the same command continues where an interrupted run stopped.
 DyDiT checkpoints run the inference engine (dydit_jax/dynamic; --token_capacity,
---width_multiple; --nodynamic = the masked model) and also write OUT/dynamic.json.
+--width_multiple, --layers_per_call; --nodynamic = the masked model) and also write
+OUT/dynamic.json.
 """
 
 import sys
@@ -43,6 +44,10 @@ flags.DEFINE_string(
     "DyDiT engine: tokens per sample and layer through the MLP: calibrate | all | 0.75 | 192.",
 )
 flags.DEFINE_integer("width_multiple", None, "DyDiT engine: round head/group counts up to this.")
+flags.DEFINE_integer(
+    "layers_per_call", None,
+    "DyDiT engine: blocks per compiled call (1: fewest compiles; depth: one call per step).",
+)
 flags.DEFINE_string(
     "vae", None, "Latent models: decode with this VAE (python -m dydit_jax.convert vae ...)."
 )
@@ -72,6 +77,7 @@ def main(argv):
             dynamic=FLAGS.dynamic,
             token_capacity=FLAGS.token_capacity,
             width_multiple=FLAGS.width_multiple,
+            layers_per_call=FLAGS.layers_per_call,
             vae=FLAGS.vae,
         )
     except (ValueError, FileNotFoundError) as e:

@@ -271,41 +271,48 @@ def time_batch(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def run_variant(name, dit_fn, engine: DyDiTEngine, rows, repeats: int, batch: int, config):
-    """Warm up both (compile, calibration), then alternate timed batches."""
+def run_variant(name, dit_fn, engines: dict, rows, repeats: int, batch: int, config):
+    """Warm up the DiT and every engine (compile, calibration), then alternate timed batches
+    (DiT, each engine, DiT, ...); one result per engine (`engines`: label -> engine)."""
     key = jax.random.key(0)
     start = time.perf_counter()
     jax.block_until_ready(dit_fn(key, rows["i"], rows["y"]))
     dit_first = time.perf_counter() - start
-    jax.block_until_ready(engine(key, rows["i"], rows["y"]))  # calibrates capacities
-    engine.prepare(key, rows["i"], rows["y"])  # compiles the calibrated capacities' shapes
-    engine.reset_stats()
-    compile_before = engine.compile_seconds
-    dit_times, dydit_times = [], []
+    compile_before = {}
+    for engine in engines.values():
+        jax.block_until_ready(engine(key, rows["i"], rows["y"]))  # calibrates capacities
+        engine.prepare(key, rows["i"], rows["y"])  # compiles the calibrated capacities' shapes
+        engine.reset_stats()
+        compile_before[engine] = engine.compile_seconds
+    dit_times, dydit_times = [], {label: [] for label in engines}
     for r in range(repeats):
         k = jax.random.fold_in(key, r + 1)
         dit_times.append(time_batch(dit_fn, k, rows["i"], rows["y"]))
-        dydit_times.append(time_batch(engine, k, rows["i"], rows["y"]))
-    report = engine.report()
+        for label, engine in engines.items():
+            dydit_times[label].append(time_batch(engine, k, rows["i"], rows["y"]))
     dit_img = np.median(dit_times) / batch
-    dydit_img = np.median(dydit_times) / batch
     dit_macs = flops.dit_macs(config, dydit_convention=True)
-    dydit_macs = flops.dynamic_macs(config, report["achieved_flops_ratio"], dydit_convention=True)
-    result = {
-        "name": name,
-        "dit_s_per_img": dit_img,
-        "dydit_s_per_img": dydit_img,
-        "wall_speedup": dit_img / dydit_img,
-        "flops_speedup": dit_macs / dydit_macs,
-        "dydit_gflops": dydit_macs / 1e9,
-        "dit_compile_plus_first_batch_s": dit_first,
-        "dydit_compile_s": engine.compile_seconds,
-        "late_compiles_s": engine.compile_seconds - compile_before,
-        **{k: report[k] for k in ("plan_flops_ratio", "achieved_flops_ratio",
-                                  "executed_flops_ratio", "signatures", "token_fraction",
-                                  "tokens_overflow", "overflow_fraction", "slice_seconds")},
-    }
-    return result
+    results = []
+    for label, engine in engines.items():
+        report = engine.report()
+        dydit_img = np.median(dydit_times[label]) / batch
+        dydit_macs = flops.dynamic_macs(config, report["achieved_flops_ratio"],
+                                        dydit_convention=True)
+        results.append({
+            "name": f"{name}, {label}" if len(engines) > 1 else name,
+            "dit_s_per_img": dit_img,
+            "dydit_s_per_img": dydit_img,
+            "wall_speedup": dit_img / dydit_img,
+            "flops_speedup": dit_macs / dydit_macs,
+            "dydit_gflops": dydit_macs / 1e9,
+            "dit_compile_plus_first_batch_s": dit_first,
+            "dydit_compile_s": engine.compile_seconds,
+            "late_compiles_s": engine.compile_seconds - compile_before[engine],
+            **{k: report[k] for k in ("plan_flops_ratio", "achieved_flops_ratio",
+                                      "executed_flops_ratio", "signatures", "token_fraction",
+                                      "tokens_overflow", "overflow_fraction", "slice_seconds")},
+        })
+    return results
 
 
 SHAPE_BUDGETS = (8, 16, 24, 32, 48, 64, 0)  # 0: unbounded
@@ -348,8 +355,10 @@ def print_profile(engine: DyDiTEngine, rows, result: dict, batch: int) -> None:
     total = sum(r["seconds"] for r in records)
     print(f"    profile (one batch, a wait after each call): {total:.2f} s, unprofiled "
           f"{result['dydit_s_per_img'] * batch:.2f} s")
-    for kind in ("attention", "token_mlp", "embed", "finish"):
+    for kind in ("attention", "token_mlp", "blocks", "embed", "finish"):
         calls = [r for r in records if r["kind"] == kind]
+        if not calls:
+            continue
         seconds, macs = sum(r["seconds"] for r in calls), sum(r["macs"] for r in calls)
         shown = f"  {rate(calls):6.1f} GMAC/s" if macs else ""
         print(f"      {kind:9s} {len(calls):4d} calls {seconds:7.2f} s {macs / 1e9:8.1f} GMACs"
@@ -359,6 +368,8 @@ def print_profile(engine: DyDiTEngine, rows, result: dict, batch: int) -> None:
         for r in records:
             if r["kind"] == kind:
                 by_width.setdefault(r[field], []).append(r)
+        if not by_width:  # several layers per call: no per-width split
+            continue
         rates = ", ".join(
             f"{w}: {len(rs)}x {rate(rs):.1f}" for w, rs in sorted(by_width.items())
         )
@@ -441,21 +452,28 @@ def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) 
                    guided_channels=-1)
     dit_params = jax.device_put(dit_params, dit_parts.param_shardings)
     dit_fn = functools.partial(sample_lib.make_batch_sampler(dit_parts, **options), dit_params)
-    engine = DyDiTEngine(dydit_parts, jax.device_put(dydit_params, dydit_parts.param_shardings),
-                         width_multiple=args.width_multiple, capacity="calibrate",
-                         capacity_margin=args.capacity_margin,
-                         capacity_multiple=args.capacity_multiple,
-                         capacity_step_buckets=args.capacity_step_buckets,
-                         mlp_shape_budget=args.mlp_shape_budget, **options)
+    dydit_params = jax.device_put(dydit_params, dydit_parts.param_shardings)
+    engines = {
+        f"{k} layer{'s' if k > 1 else ''} per call": DyDiTEngine(
+            dydit_parts, dydit_params, width_multiple=args.width_multiple,
+            capacity="calibrate", capacity_margin=args.capacity_margin,
+            capacity_multiple=args.capacity_multiple,
+            capacity_step_buckets=args.capacity_step_buckets,
+            mlp_shape_budget=args.mlp_shape_budget, layers_per_call=min(k, cfg.depth),
+            **options,
+        )
+        for k in args.layers_per_call
+    }
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     rows = parallel.global_batch({"i": np.arange(args.batch, dtype=np.int32), "y": labels}, mesh)
     if args.shapes_only:
-        return shape_budgets(name, engine, rows, args)
-    result = run_variant(name, dit_fn, engine, rows, args.repeats, args.batch, cfg)
-    print_result(result, args.steps)
-    if args.profile:
-        print_profile(engine, rows, result, args.batch)
-    return result
+        return shape_budgets(name, next(iter(engines.values())), rows, args)
+    results = run_variant(name, dit_fn, engines, rows, args.repeats, args.batch, cfg)
+    for result, engine in zip(results, engines.values(), strict=True):
+        print_result(result, args.steps)
+        if args.profile:
+            print_profile(engine, rows, result, args.batch)
+    return results[-1]
 
 
 def main(argv=None) -> None:
@@ -477,6 +495,10 @@ def main(argv=None) -> None:
     p.add_argument("--capacity_step_buckets", type=int, default=4)
     p.add_argument("--mlp_shape_budget", type=int, default=32,
                    help="most (groups, capacity) token-MLP shapes compiled")
+    p.add_argument("--layers_per_call", default="1",
+                   type=lambda s: [int(v) for v in s.split(",")],
+                   help="blocks per compiled engine call; a list (1,12) compares them, "
+                        "each alternating with the DiT (the last line: the last one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="B/2, lambda 0.5, 4 steps, 1 repeat, 1 token round")
@@ -492,6 +514,8 @@ def main(argv=None) -> None:
         if not args.workdir and lam not in PAPER_GFLOPS[args.model]:
             known = sorted(PAPER_GFLOPS[args.model])
             p.error(f"--lambdas: the paper's GFLOPs are known for lambda in {known}")
+    if min(args.layers_per_call) < 1:
+        p.error("--layers_per_call: counts must be >= 1")
     args.steps_spec = str(args.steps)
     print(f"machine: {machine()}")
     print(f"settings: {vars(args)}")

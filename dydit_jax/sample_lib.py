@@ -409,6 +409,7 @@ def sample_from_workdir(
     dynamic: bool | None = None,
     token_capacity: str | None = None,
     width_multiple: int | None = None,
+    layers_per_call: int | None = None,
     vae: str | None = None,
 ) -> dict:
     """Load the latest (or given) checkpoint of a training workdir and export samples.
@@ -453,7 +454,8 @@ def sample_from_workdir(
         dynamic = sample_cfg.get("dynamic", True)
     dynamic = dynamic and isinstance(model_config, models.DyDiTConfig)
     engine_opts = train_lib.engine_options(
-        sample_cfg, token_capacity=token_capacity, width_multiple=width_multiple
+        sample_cfg, token_capacity=token_capacity, width_multiple=width_multiple,
+        layers_per_call=layers_per_call,
     )
     decoder = LatentDecoder(vae, model_config) if vae else None
     item = "ema_params" if use_ema else "params"

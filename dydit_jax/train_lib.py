@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
             capacity_margin=0.1,  # calibrated capacity = most selected * (1 + margin)
             capacity_step_buckets=1,  # separate capacities for this many step ranges
             mlp_shape_budget=32,  # at most this many (groups, capacity) MLP shapes compiled
+            layers_per_call=1,  # blocks per compiled call (more: faster, more compiles)
         )
     )
     # --- bookkeeping
@@ -263,11 +264,12 @@ def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:
     defaults = base_config().sample
     names = (
         "width_multiple", "token_capacity", "capacity_margin", "capacity_step_buckets",
-        "mlp_shape_budget",
+        "mlp_shape_budget", "layers_per_call",
     )
     opts = {name: sample.get(name, defaults[name]) for name in names}
     opts |= {k: v for k, v in overrides.items() if v is not None}
-    for name in ("width_multiple", "capacity_step_buckets", "mlp_shape_budget"):
+    for name in ("width_multiple", "capacity_step_buckets", "mlp_shape_budget",
+                 "layers_per_call"):
         if int(opts[name]) < 1:
             raise ValueError(f"config.sample.{name} must be >= 1, got {opts[name]}")
     if not float(opts["capacity_margin"]) >= 0:
@@ -280,6 +282,7 @@ def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:
         "capacity_margin": float(opts["capacity_margin"]),
         "capacity_step_buckets": int(opts["capacity_step_buckets"]),
         "mlp_shape_budget": int(opts["mlp_shape_budget"]),
+        "layers_per_call": int(opts["layers_per_call"]),
     }
 
 

@@ -74,6 +74,44 @@ def test_engine_equals_masked_model(cfg_scale, width_multiple):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol * scale, rtol=0)
 
 
+def test_several_layers_per_call_run_the_same_computation():
+    parts, params, mesh = random_dydit(seed=1)
+    depth = parts.config.depth  # 3
+    options = dict(mesh=mesh, sampling_steps=STEPS, cfg_scale=2.0, guided_channels=-1)
+    with jax.set_mesh(mesh):
+        # the whole step in one call, exact capacity: the masked model's samples
+        whole = DyDiTEngine(parts, params, layers_per_call=depth, **options)
+        got = np.asarray(whole(*batch(mesh)))
+        want = np.asarray(sample_lib.make_batch_sampler(parts, **options)(params, *batch(mesh)))
+        # chunks of 2 (layers 0-1, then 2) with a capacity below the selected counts: the
+        # same samples, token counts and overflow as one block per call
+        runs = {}
+        for k in (1, 2):
+            engine = DyDiTEngine(parts, params, capacity=0.25, capacity_multiple=1,
+                                 layers_per_call=k, **options)
+            runs[k] = (np.asarray(engine(*batch(mesh))), engine)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=0)
+    steps = whole.plan.num_steps
+    assert {k[0] for k in whole.compiled if k[0] in ("attn", "mlp", "blocks")} == {"blocks"}
+    assert 1 <= whole.report()["signatures"] <= steps
+    assert whole.report()["tokens_overflow"] == 0
+    (one_out, one), (two_out, two) = runs[1], runs[2]
+    assert one.report()["tokens_overflow"] > 0
+    np.testing.assert_array_equal(two.selected, one.selected)
+    np.testing.assert_array_equal(two.overflow, one.overflow)
+    np.testing.assert_allclose(two_out, one_out, atol=2e-5 * scale, rtol=0)
+    # per step: one call for layers 0-1 and one for layer 2, in order
+    records = two.profile(*batch(mesh))
+    blocks = [(r["step"], r["layer"], r["layers"]) for r in records if r["kind"] == "blocks"]
+    assert blocks == [(s, first, n) for s in range(steps) for first, n in ((0, 2), (2, 1))]
+    total = sum(r["macs"] for r in records)
+    profiled_one = sum(r["macs"] for r in one.profile(*batch(mesh)))
+    assert total == profiled_one  # the same multiply-adds, counted per chunk
+    with pytest.raises(ValueError, match="layers_per_call"):
+        DyDiTEngine(parts, params, layers_per_call=0, **options)
+
+
 def test_capacity_overflow_is_counted_and_keeps_the_best_tokens():
     parts, params, _ = random_dydit(seed=1)
     model = nnx.merge(parts.graphdef, params, parts.buffers)

@@ -15,9 +15,15 @@ multiplies the unused ones by zero. The engine computes only what the routers ke
   Selected tokens beyond the capacity are dropped and counted (`report()["tokens_overflow"]`).
   With capacity = all tokens the engine equals the masked model (float round-off).
 
-Each step runs as: one compiled embedding call, one compiled call per block (compiled once
-per shape signature (heads, groups, capacity, batch)), and one compiled call for the final
-layer, guidance and the sampler update. Nothing waits for the device inside a batch.
+Each step runs as: one compiled embedding call, the blocks, and one compiled call for the
+final layer, guidance and the sampler update. Nothing waits for the device inside a batch.
+The blocks run as two compiled calls each (attention, token MLP; `layers_per_call=1`, the
+default), each compiled once per shape (heads; groups and capacity): few signatures, 2 x
+depth calls per step. Or `layers_per_call=k` runs k consecutive blocks per call, compiled once
+per tuple of the k blocks' shapes: on a 2-core CPU a program of many blocks runs ~8-17%
+faster than the same blocks one call each (the calls' outputs and temporaries are new
+buffers each time; BENCHMARKS.md, DyDiT rows (j)), at the cost of more signatures (up to
+one per step and chunk when the plan changes every step).
 """
 
 from __future__ import annotations
@@ -117,6 +123,7 @@ class DyDiTEngine:
         capacity_margin: float = 0.1,
         capacity_step_buckets: int = 1,
         mlp_shape_budget: int = 32,
+        layers_per_call: int = 1,
     ):
         config = parts.config
         if not isinstance(config, DyDiTConfig):
@@ -126,6 +133,9 @@ class DyDiTEngine:
             raise ValueError(f"capacity multiple must be >= 1, got {capacity_multiple}")
         if mlp_shape_budget < 1:
             raise ValueError(f"MLP shape budget must be >= 1, got {mlp_shape_budget}")
+        if layers_per_call < 1:
+            raise ValueError(f"layers_per_call must be >= 1, got {layers_per_call}")
+        self.layers_per_call = min(layers_per_call, config.depth)  # more: the whole step
         self.mlp_shape_budget = mlp_shape_budget
         self.config, self.params = config, params
         self.graphdef, self.buffers = parts.graphdef, parts.buffers
@@ -205,6 +215,18 @@ class DyDiTEngine:
             state = block | {"mlp": mlp_slicer(block["mlp"], groups, valid)}
             return nnx.merge(self.block_graphdef, state).token_mlp(x, mods, capacity)
 
+        # k consecutive blocks in one program; `capacities` (static) fixes each one's shape
+        # with the lengths of its index arrays. Stats: (rows, k, 2).
+        def blocks(states, attn_indices, mlp_indices, x, c, capacities):
+            stats = []
+            for block, (heads, hvalid), (groups, gvalid), capacity in zip(
+                states, attn_indices, mlp_indices, capacities, strict=True
+            ):
+                x, mods = attention(block, heads, hvalid, x, c)
+                x, block_stats = token_mlp(block, groups, gvalid, x, mods, capacity)
+                stats.append(block_stats)
+            return x, jnp.stack(stats, axis=1)
+
         def finish(params, tokens, c, x, step, keys):
             raw = nnx.merge(graphdef, params, buffers).head(tokens, c)
             if guided:
@@ -221,6 +243,7 @@ class DyDiTEngine:
         self._embed = jit(embed, out_shardings=(rows, rows))
         self._attention = jit(attention, out_shardings=(rows, rows))
         self._token_mlp = jit(token_mlp, static_argnums=5, out_shardings=(rows, rows))
+        self._blocks = jit(blocks, static_argnums=5, out_shardings=(rows, rows))
         self._finish = jit(finish, donate_argnums=(3,), out_shardings=rows)
 
     def _schedule(self) -> None:
@@ -367,31 +390,54 @@ class DyDiTEngine:
         t0 = jnp.int32(self.plan.timesteps[0])
         embed = self._compile(("embed", shape), self._embed, params, x, t0, labels)
         tokens, c = embed(params, x, t0, labels)
-        attn_args, _ = self.step_states[0][0]
-        example_attention = self._compile(
-            ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
-            *attn_args, tokens, c,
-        )
-        _, mods = example_attention(*attn_args, tokens, c)
+        mods = None  # an example of the adaLN chunks, the token-MLP call's input
+        if self.layers_per_call == 1:
+            attn_args, _ = self.step_states[0][0]
+            example_attention = self._compile(
+                ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
+                *attn_args, tokens, c,
+            )
+            _, mods = example_attention(*attn_args, tokens, c)
         # These example runs carry collectives (guidance concatenates the halves across the
         # batch shards); finish them before sampling dispatches its own: XLA:CPU can deadlock
         # when two independent programs with collectives are in flight at once.
         jax.block_until_ready((x, keys, tokens, mods))
         steps = []
+        n, k = self.config.num_tokens, self.layers_per_call
         for s in range(self.plan.num_steps):
-            layers = []
-            for layer, (attn_args, mlp_args) in enumerate(self.step_states[s]):
+            calls = []  # (kind, first layer, compiled fn, its arguments before tokens)
+            states = self.step_states[s]
+            capacities = [min(int(c), n) for c in self.capacity_run[s]]
+            for first in range(0, len(states), k):
+                chunk = range(first, min(first + k, len(states)))
+                if k > 1:
+                    # (the blocks' parameters, their (heads, valid), their (groups, valid))
+                    args = (
+                        tuple(states[i][0][0] for i in chunk),
+                        tuple(states[i][0][1:] for i in chunk),
+                        tuple(states[i][1][1:] for i in chunk),
+                    )
+                    caps = tuple(capacities[i] for i in chunk)
+                    shapes = tuple(
+                        (states[i][0][1].shape[0], states[i][1][1].shape[0], capacities[i])
+                        for i in chunk
+                    )
+                    fn = self._compile(("blocks", shapes, tokens.shape), self._blocks,
+                                       *args, tokens, c, caps)
+                    calls.append(("blocks", first, fn, args))
+                    continue
+                attn_args, mlp_args = states[first]
                 attention = self._compile(
                     ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
                     *attn_args, tokens, c,
                 )
-                capacity = min(int(self.capacity_run[s, layer]), self.config.num_tokens)
                 token_mlp = self._compile(
-                    ("mlp", mlp_args[1].shape[0], capacity, tokens.shape),
-                    self._token_mlp, *mlp_args, tokens, mods, capacity,
+                    ("mlp", mlp_args[1].shape[0], capacities[first], tokens.shape),
+                    self._token_mlp, *mlp_args, tokens, mods, capacities[first],
                 )
-                layers.append((attention, attn_args, token_mlp, mlp_args))
-            steps.append(layers)
+                calls += [("attention", first, attention, attn_args),
+                          ("token_mlp", first, token_mlp, mlp_args)]
+            steps.append(calls)
         step = jnp.int32(0)
         finish = self._compile(
             ("finish", shape), self._finish, params, tokens, c, x, step, keys,
@@ -410,8 +456,13 @@ class DyDiTEngine:
         # Wait for the batch: the timing covers all of it, and no program with collectives
         # is left in flight when the caller dispatches another (see `prepare`).
         out = jax.block_until_ready(x[: labels.shape[0]])
-        # (steps, layers, rows, [selected, overflow]); one transfer after the batch
-        stats = np.asarray(jax.device_get(stats)).reshape(*self.selected.shape, -1, 2)
+        # (steps, layers, rows, [selected, overflow]); one transfer after the batch. Each
+        # call's stats are (rows, 2) for one block or (rows, k, 2) for k.
+        rows = x.shape[0]
+        stats = np.concatenate(
+            [np.asarray(st).reshape(rows, -1, 2) for st in jax.device_get(stats)], axis=1
+        )
+        stats = stats.transpose(1, 0, 2).reshape(*self.selected.shape, rows, 2)
         self.selected += stats[..., 0].sum(-1)
         self.overflow += stats[..., 1].sum(-1)
         self._last_max = stats[..., 0].max(-1)
@@ -422,33 +473,38 @@ class DyDiTEngine:
     def _run(self, program: dict, key, indices, labels, call) -> tuple[jax.Array, list]:
         """The sampling loop of one batch over a prepared program: (the final x, per block
         its token statistics). Every compiled call goes through `call(kind, (step, layer),
-        fn, *args)` (kind: "embed", "attention", "token_mlp", "finish"; layer -1 for embed and
-        finish); `profile` times them."""
+        fn, *args)` (kind: "embed", "attention", "token_mlp", "blocks" (layers_per_call > 1:
+        layer is the chunk's first), "finish"; layer -1 for embed and finish); `profile`
+        times them."""
         params, embed, finish = self.params, program["embed"], program["finish"]
         x, keys = program["initial"](key, indices, labels)
-        stats = []
+        stats, in_flight = [], 0
         for s in range(self.plan.num_steps):
             tokens, c = call("embed", (s, -1), embed, params, x, self._timesteps[s], labels)
-            for layer, (attention, attn_args, token_mlp, mlp_args) in enumerate(
-                program["steps"][s]
-            ):
-                where = (s, layer)
-                tokens, mods = call("attention", where, attention, *attn_args, tokens, c)
-                tokens, block_stats = call("token_mlp", where, token_mlp, *mlp_args, tokens, mods)
-                stats.append(block_stats)
-                if self._pace_every and layer % (self._pace_every // 2) == 0:
+            for kind, layer, fn, args in program["steps"][s]:
+                if kind == "attention":
+                    tokens, mods = call(kind, (s, layer), fn, *args, tokens, c)
+                else:  # "token_mlp" after its attention, or "blocks"
+                    second = mods if kind == "token_mlp" else c
+                    tokens, block_stats = call(kind, (s, layer), fn, *args, tokens, second)
+                    stats.append(block_stats)
+                in_flight += 1
+                if self._pace_every and in_flight >= self._pace_every:
                     tokens.block_until_ready()
+                    in_flight = 0
             x = call("finish", (s, -1), finish, params, tokens, c, x, self._steps[s], keys)
             if self._pace_every:
                 x.block_until_ready()
+                in_flight = 0
         return x, stats
 
     def profile(self, key, indices, labels) -> list[dict]:
         """One batch that waits after every compiled call (so slower than `__call__`, which
         never waits), to find where the time goes: per call its kind ("embed", "attention",
-        "token_mlp", "finish"), step, layer, shape (heads / groups and capacity as run,
-        padding included), seconds, and the multiply-adds of the block branch it executes
-        (`flops.block_costs` scaled to the shape). Token statistics are not accumulated."""
+        "token_mlp", "blocks", "finish"), step, layer, shape (heads / groups and capacity as
+        run, padding included; "blocks": "layers", their count), seconds, and the
+        multiply-adds of the block branches it executes (`flops.block_costs` scaled to the
+        shapes). Token statistics are not accumulated."""
         program = self.prepare(key, indices, labels)
         cfg = self.config
         attn_macs, _ = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
@@ -456,21 +512,34 @@ class DyDiTEngine:
         rows = indices.shape[0] * (2 if self.guided else 1)  # both guidance halves
         records: list[dict] = []
 
+        def attention_macs(heads: int) -> int:
+            return rows * attn_macs * heads // cfg.num_heads
+
+        def mlp_macs(groups: int, step: int, layer: int) -> tuple[int, int]:
+            capacity = min(int(self.capacity_run[step, layer]), cfg.num_tokens)
+            return capacity, rows * 2 * capacity * cfg.hidden_size * groups * group_width
+
         def timed(kind, where, fn, *args):
             start = time.perf_counter()
             out = jax.block_until_ready(fn(*args))
             step, layer = where
             record = {"kind": kind, "step": step, "layer": layer, "macs": 0,
                       "seconds": time.perf_counter() - start}
-            # the shape as run: the length of the kept index array (args[1], padding included)
+            # the shape as run: the length of the kept index array (padding included)
             if kind == "attention":
                 heads = args[1].shape[0]
-                record |= {"heads": heads, "macs": rows * attn_macs * heads // cfg.num_heads}
+                record |= {"heads": heads, "macs": attention_macs(heads)}
             elif kind == "token_mlp":
                 groups = args[1].shape[0]
-                capacity = min(int(self.capacity_run[step, layer]), cfg.num_tokens)
-                record |= {"groups": groups, "capacity": capacity,
-                           "macs": rows * 2 * capacity * cfg.hidden_size * groups * group_width}
+                capacity, macs = mlp_macs(groups, step, layer)
+                record |= {"groups": groups, "capacity": capacity, "macs": macs}
+            elif kind == "blocks":
+                heads = [index.shape[0] for index, _ in args[1]]
+                groups = [index.shape[0] for index, _ in args[2]]
+                macs = sum(attention_macs(h) for h in heads) + sum(
+                    mlp_macs(g, step, layer + i)[1] for i, g in enumerate(groups)
+                )
+                record |= {"layers": len(heads), "macs": macs}
             records.append(record)
             return out
 
@@ -486,7 +555,7 @@ class DyDiTEngine:
         capacity_run = np.minimum(self.capacity_run, n) / n
         out = {
             "plan_flops_ratio": plan.flops_ratio(),
-            "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp")),
+            "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp", "blocks")),
             "compile_seconds": self.compile_seconds,
             "slice_seconds": self.slice_seconds,
             "mean_capacity_fraction": float(capacity_run.mean()),

@@ -227,6 +227,7 @@ TRAINING = [
     case("token_capacity 1.5", Train({"sample.token_capacity": 1.5}, "token capacity '1.5'")),
     case("token_capacity lots", Train({"sample.token_capacity": "lots"}, "capacity 'lots'")),
     case("mlp_shape_budget 0", Train({"sample.mlp_shape_budget": 0}, "mlp_shape_budget must")),
+    case("layers_per_call 0", Train({"sample.layers_per_call": 0}, "layers_per_call must")),
     case("capacity_margin -1", Train({"sample.capacity_margin": -1.0}, "capacity_margin must")),
     case("sample batch 0", Train({"sample.batch_size": 0}, "sample.batch_size must be >= 1")),
     case("sample.dynamic yes", Train({"sample.dynamic": "yes"}, "must be true or false")),
