@@ -9,6 +9,7 @@ Paper sizes (random backbone, synthetic routers, 32x32x4 latents, 1000 classes):
   python bench/dydit_speedup.py --model=B/2 --lambdas=0.7,0.5 --steps=10 --batch=8
   python bench/dydit_speedup.py --quick                       # ~3.5 min on 2 CPU cores
   python bench/dydit_speedup.py --quick --profile             # + where the engine's time goes
+  python bench/dydit_speedup.py --quick --layers_per_call=1,12  # engine calls of 1 / 12 blocks
   python bench/dydit_speedup.py --steps=250 --shapes_only      # compiled shapes per budget
   python bench/dydit_speedup.py --model=XL/2 --steps=250 --batch=32 --dtype=bfloat16  # GPU
 
