@@ -31,6 +31,7 @@ from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
 from dydit_jax import dynamic, flops, models, parallel, sample_lib, xla_cpu
+from dydit_jax.metric_writer import MetricWriter
 from dydit_jax.models import layers
 
 # ----------------------------------------------------------------------------- config
@@ -681,8 +682,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
-    from clu import metric_writers  # imports TensorFlow: only when training really starts
-
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs:// workdirs
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     resume = ckpt.latest_step() is not None
@@ -709,9 +708,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     start = int(state.step)
     grids = model_config.in_channels in (1, 3)  # latent grids need the VAE decoder (issue 7)
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
-    )
+    writer = MetricWriter(workdir, just_logging=jax.process_index() > 0)
     train_step = make_train_step(parts, tx, config, mesh)
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
