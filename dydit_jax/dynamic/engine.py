@@ -376,9 +376,9 @@ class DyDiTEngine:
 
     def prepare(self, key, indices, labels) -> list:
         """Compile every shape signature the plan and capacities need for this batch shape
-        (before sampling, so that sampling times exclude compilation); returns the per-step
-        program: for every step, per layer (attention fn, its params, token-MLP fn, its
-        params), plus the embedding and final functions."""
+        (before sampling, so that sampling times exclude compilation); returns the program:
+        per step its block calls in order, (kind, first layer, compiled fn, its arguments
+        before the tokens), plus the initial, embedding and final functions."""
         program_key = (
             indices.shape, self.capacity_run.tobytes(), self.width_counts[1].tobytes()
         )
@@ -407,7 +407,7 @@ class DyDiTEngine:
         for s in range(self.plan.num_steps):
             calls = []  # (kind, first layer, compiled fn, its arguments before tokens)
             states = self.step_states[s]
-            capacities = [min(int(c), n) for c in self.capacity_run[s]]
+            capacities = [min(int(cap), n) for cap in self.capacity_run[s]]
             for first in range(0, len(states), k):
                 chunk = range(first, min(first + k, len(states)))
                 if k > 1:
