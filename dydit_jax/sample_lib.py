@@ -464,7 +464,10 @@ def sample_from_workdir(
         "num_samples": num_samples, "seed": seed, "labels": labels or "balanced",
         "sampling_steps": str(sampling_steps), "sampler": sampler, "cfg_scale": cfg_scale,
         "guided_channels": guided_channels, "dynamic": bool(dynamic),
-        "engine": engine_opts if dynamic else None,
+        # how many blocks run per compiled call changes no image (only the run time): a run
+        # may resume with another value, and runs from before the option match
+        "engine": {k: v for k, v in engine_opts.items() if k != "layers_per_call"}
+        if dynamic else None,
         "vae": os.path.abspath(vae) if vae else None,
     }
     # uint8 images twice (finished batches, then samples.npz), checked before any sampling

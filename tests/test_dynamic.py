@@ -264,11 +264,16 @@ def dydit_workdir(tmp_path_factory):
 def test_sample_py_runs_the_engine_for_dydit(dydit_workdir, tmp_path):
     common = [f"--workdir={dydit_workdir}", "--num_samples=8", "--sampling_steps=4"]
     proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'engine'}",
-                           "--token_capacity=all")
+                           "--token_capacity=all", "--layers_per_call=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DyDiT engine: FLOPs ratio" in proc.stdout
     report = json.loads((tmp_path / "engine" / "dynamic.json").read_text())
     assert report["tokens_overflow"] == 0 and report["plan"]["steps"] == 4
+    assert report["layers_per_call"] == 2
+    # blocks per call change no image: the same run with the default is already done
+    proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'engine'}",
+                           "--token_capacity=all")
+    assert proc.returncode == 0 and "already holds these samples" in proc.stderr, proc.stderr
     proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'masked'}", "--nodynamic")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DyDiT engine" not in proc.stdout

@@ -556,6 +556,7 @@ class DyDiTEngine:
         out = {
             "plan_flops_ratio": plan.flops_ratio(),
             "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp", "blocks")),
+            "layers_per_call": self.layers_per_call,
             "compile_seconds": self.compile_seconds,
             "slice_seconds": self.slice_seconds,
             "mean_capacity_fraction": float(capacity_run.mean()),
