@@ -58,6 +58,8 @@ def test_engine_equals_masked_model(cfg_scale, width_multiple):
     assert list(engine.plan.timesteps) == sorted(engine.plan.timesteps, reverse=True)
     heads = engine.plan.heads.sum(-1)
     assert heads.min() < heads.max() and heads.max() > 1  # widths really vary by step/layer
+    # some token-MLP calls keep every group: they run unsliced, masked (engine.py)
+    assert (engine.width_counts[1] == parts.config.num_heads).any()
     report = engine.report()
     assert 0.2 < report["token_fraction"] < 0.9  # and tokens are really skipped
     assert report["tokens_overflow"] == 0
@@ -93,6 +95,7 @@ def test_several_layers_per_call_run_the_same_computation():
     scale = float(np.abs(want).max())
     np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=0)
     steps = whole.plan.num_steps
+    assert (whole.width_counts[0] == parts.config.num_heads).any()  # full-width attention too
     assert {k[0] for k in whole.compiled if k[0] in ("attn", "mlp", "blocks")} == {"blocks"}
     assert 1 <= whole.report()["signatures"] <= steps
     assert whole.report()["tokens_overflow"] == 0

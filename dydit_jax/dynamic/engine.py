@@ -206,12 +206,26 @@ class DyDiTEngine:
 
         # The two halves of a block: the layer's full parameters, the kept heads (groups) and
         # their validity; the module runs on its slice (the other module, unused, is left
-        # whole, which keeps the compiled signature to the one count).
+        # whole, which keeps the compiled signature to the one count). When every head
+        # (group) is kept, padding included, the weights run unsliced and the validity masks
+        # the heads' (groups') activations instead: the slice would be a copy of all the
+        # weights (~5% of a full-width call on CPU, BENCHMARKS.md rows (j)).
+        def full_mask(index, valid, rows):
+            mask = jnp.zeros(index.shape, valid.dtype).at[index].set(valid)
+            return jnp.broadcast_to(mask, (rows, index.shape[0]))
+
         def attention(block, heads, valid, x, c):
+            if heads.shape[0] == cfg.num_heads:
+                mask = full_mask(heads, valid, x.shape[0])
+                return nnx.merge(self.block_graphdef, block).attention_step(x, c, mask)
             state = block | {"attn": attention_slicer(block["attn"], heads, valid)}
             return nnx.merge(self.block_graphdef, state).attention_step(x, c)
 
         def token_mlp(block, groups, valid, x, mods, capacity):
+            if groups.shape[0] == cfg.num_heads:  # as many groups as heads
+                mask = full_mask(groups, valid, x.shape[0])
+                module = nnx.merge(self.block_graphdef, block)
+                return module.token_mlp(x, mods, capacity, mask)
             state = block | {"mlp": mlp_slicer(block["mlp"], groups, valid)}
             return nnx.merge(self.block_graphdef, state).token_mlp(x, mods, capacity)
 

@@ -112,27 +112,33 @@ class DyDiTBlock(DiTBlock):
         x, mods = self.attention_step(x, c)
         return self.token_mlp(x, mods, capacity)
 
-    def attention_step(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, tuple]:
+    def attention_step(
+        self, x: jax.Array, c: jax.Array, head_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, tuple]:
         """(x after the attention residual, the six adaLN chunks for `token_mlp`)."""
         mods = tuple(self.adaLN(c))
-        return self.attention_residual(x, mods), mods
+        return self.attention_residual(x, mods, head_mask), mods
 
-    def token_mlp(self, x: jax.Array, mods: tuple, capacity: int):
-        """The MLP residual for at most `capacity` tokens per sample (see capacity_forward)."""
+    def token_mlp(
+        self, x: jax.Array, mods: tuple, capacity: int, group_mask: jax.Array | None = None
+    ):
+        """The MLP residual for at most `capacity` tokens per sample (see capacity_forward;
+        `group_mask` (B, G): as in `forward`)."""
         logits = self.token_logits(x)
         selected = logits > 0
         count = selected.sum(axis=-1, dtype=jnp.int32)
         n = x.shape[1]
         gate = mods[5][:, None, :]
         if capacity >= n:  # every token fits: a mask is cheaper than gather + scatter
-            x = x + gate * selected[..., None].astype(x.dtype) * self.mlp_branch(x, mods)
+            update = self.mlp_branch(x, mods, group_mask)
+            x = x + gate * selected[..., None].astype(x.dtype) * update
         elif capacity > 0:
             order = jnp.argsort(-logits, axis=-1, stable=True)  # best first
             index = order[:, :capacity]
             scores = jnp.take_along_axis(logits, index, axis=1)
             keep = (scores > 0)[..., None].astype(x.dtype)
             rows = jnp.take_along_axis(x, index[..., None], axis=1)
-            update = gate * keep * self.mlp_branch(rows, mods)
+            update = gate * keep * self.mlp_branch(rows, mods, group_mask)
             # Back to token order with a gather, not a scatter-add (a serial loop on CPU,
             # atomics on GPU): token n reads its row of the update, or a zero row if it
             # did not run.
