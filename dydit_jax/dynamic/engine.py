@@ -10,6 +10,8 @@ multiplies the unused ones by zero. The engine computes only what the routers ke
   copy is kept (250 steps have thousands of distinct active sets; a copy each would need
   tens of GB). Counts can be rounded up to a multiple (`width_multiple`) or merged (the shape
   budget), padding with inactive heads/groups whose contribution is zeroed in the slice.
+  A call that keeps every head (group), padding included, runs the weights unsliced and
+  masks the padded heads' (groups') activations: slicing would copy all of them.
 - tokens: at most `capacity` tokens per sample and layer run the MLP (a static shape): the
   top-scoring of those the token router selects are gathered, run and scattered back.
   Selected tokens beyond the capacity are dropped and counted (`report()["tokens_overflow"]`).
