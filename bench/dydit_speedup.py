@@ -454,17 +454,17 @@ def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) 
     dit_params = jax.device_put(dit_params, dit_parts.param_shardings)
     dit_fn = functools.partial(sample_lib.make_batch_sampler(dit_parts, **options), dit_params)
     dydit_params = jax.device_put(dydit_params, dydit_parts.param_shardings)
-    engines = {
-        f"{k} layer{'s' if k > 1 else ''} per call": DyDiTEngine(
+    engines = {}
+    for k in args.layers_per_call:
+        engine = DyDiTEngine(
             dydit_parts, dydit_params, width_multiple=args.width_multiple,
             capacity="calibrate", capacity_margin=args.capacity_margin,
             capacity_multiple=args.capacity_multiple,
             capacity_step_buckets=args.capacity_step_buckets,
-            mlp_shape_budget=args.mlp_shape_budget, layers_per_call=min(k, cfg.depth),
-            **options,
+            mlp_shape_budget=args.mlp_shape_budget, layers_per_call=k, **options,
         )
-        for k in args.layers_per_call
-    }
+        k = engine.layers_per_call  # at most the depth
+        engines[f"{k} layer{'s' if k > 1 else ''} per call"] = engine
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     rows = parallel.global_batch({"i": np.arange(args.batch, dtype=np.int32), "y": labels}, mesh)
     if args.shapes_only:

@@ -22,10 +22,10 @@ final layer, guidance and the sampler update. Nothing waits for the device insid
 The blocks run as two compiled calls each (attention, token MLP; `layers_per_call=1`, the
 default), each compiled once per shape (heads; groups and capacity): few signatures, 2 x
 depth calls per step. Or `layers_per_call=k` runs k consecutive blocks per call, compiled once
-per tuple of the k blocks' shapes: on a 2-core CPU a program of many blocks runs ~8-17%
-faster than the same blocks one call each (the calls' outputs and temporaries are new
-buffers each time; BENCHMARKS.md, DyDiT rows (j)), at the cost of more signatures (up to
-one per step and chunk when the plan changes every step).
+per tuple of the k blocks' shapes: fewer calls and fewer call boundaries (on a 2-core CPU,
+DyDiT-B/2's plan ran ~4% faster with a whole step per call; BENCHMARKS.md, DyDiT rows (j),
+(k)), at the cost of more signatures (up to one per step and chunk when the plan changes
+every step).
 """
 
 from __future__ import annotations
