@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.checkpoint_every_steps = 10_000
     c.keep_checkpoints = 3
-    c.sample_every_steps = 50_000
+    c.sample_every_steps = 50_000  # EMA sample grids (and DyDiT's eval FLOPs ratio); 0: none
     return c
 
 
@@ -130,11 +130,14 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     model_config = model_config_from(config)
     positive = (
         "num_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps",
-        "sample_every_steps", "keep_checkpoints",
+        "keep_checkpoints",
     )
     for name in positive:
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
+    if int(config.sample_every_steps) < 0:
+        raise ValueError(f"config.sample_every_steps must be >= 0 (0: no sample grids), got "
+                         f"{config.sample_every_steps}")
     learning_rate_schedule(config)  # validates lr_schedule
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
@@ -747,7 +750,8 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
                 pending, t_last, step_last = [], time.perf_counter(), done
             if save:
                 ckpt.save(done, _items(state), run_meta(config, model_config, done))
-            if done % config.sample_every_steps == 0 or done == config.num_steps:
+            every = config.sample_every_steps
+            if every and (done % every == 0 or done == config.num_steps):
                 if grids:
                     _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
                 if isinstance(model_config, models.DyDiTConfig):

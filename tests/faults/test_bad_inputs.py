@@ -234,6 +234,7 @@ TRAINING = [
     case("sample group missing", Train({"sample": None}, "sample must be a group of fields")),
     case("keep_checkpoints 0", Train({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1")),
     case("log_every_steps 0", Train({"log_every_steps": 0}, "log_every_steps must be >= 1")),
+    case("sample_every_steps -1", Train({"sample_every_steps": -1}, "sample_every_steps must")),
     case("weight_decay -1", Train({"weight_decay": -1.0}, "weight_decay must be >= 0")),
     case("grad_clip_norm -1", Train({"grad_clip_norm": -1.0}, "grad_clip_norm must be >= 0")),
     case("warmup_steps -1", Train({"warmup_steps": -1}, "warmup_steps must be >= 0")),
