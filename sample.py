@@ -21,7 +21,7 @@ if __name__ == "__main__":  # first: glibc reads the huge-page tunable only at s
 
 from absl import app, flags, logging  # noqa: E402
 
-from dydit_jax import logs, parallel, sample_lib  # noqa: E402
+from dydit_jax import compile_cache, logs, parallel, sample_lib  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("out", None, "Output directory for samples.npz and grid.png.")
@@ -59,6 +59,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.configure()
+    compile_cache.enable()
     parallel.initialize_distributed()
     try:
         summary = sample_lib.sample_from_workdir(

@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: glibc reads the huge-page tunable only at s
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dydit_jax import logs, parallel, train_lib  # noqa: E402
+from dydit_jax import compile_cache, logs, parallel, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
@@ -27,6 +27,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.configure()
+    compile_cache.enable()
     parallel.initialize_distributed()
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

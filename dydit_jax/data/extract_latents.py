@@ -659,8 +659,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from dydit_jax import parallel
+    from dydit_jax import compile_cache, parallel
 
+    compile_cache.enable()
     parallel.initialize_distributed()
     try:
         extract(

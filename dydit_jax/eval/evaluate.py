@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from dydit_jax import compile_cache
 from dydit_jax.eval import metrics
 from dydit_jax.eval.features import (
     EvalInputError,
@@ -383,6 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """CLI: prints the table (and writes --out); bad input: `error: ...` on stderr, exit 2."""
     args = parse_args(argv)
+    compile_cache.enable()
     try:
         if args.batch_size < 1:
             raise EvalInputError(f"--batch_size must be positive, got {args.batch_size}")

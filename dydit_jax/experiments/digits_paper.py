@@ -42,7 +42,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from dydit_jax import checkpoint as ckpt_lib  # noqa: E402
-from dydit_jax import flops, logs, models, parallel, sample_lib, train_lib  # noqa: E402
+from dydit_jax import compile_cache, flops, logs, models, parallel, sample_lib, train_lib  # noqa: E402
 from dydit_jax.dynamic import DyDiTEngine  # noqa: E402
 
 UDIT_HIDDEN = 40  # U-DiT widths 40/80/160: 31 MFLOPs per image vs the DiT's 30
@@ -357,6 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logs.configure()  # the trainer's progress lines
+    compile_cache.enable()
     try:
         start = time.perf_counter()
         rows = run(args.workdir, scale=args.scale, lambdas=args.lambdas,
