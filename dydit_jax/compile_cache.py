@@ -8,7 +8,9 @@ minutes there (BENCHMARKS.md). The cache lives in `$DYDIT_COMPILATION_CACHE`, by
 `$XDG_CACHE_HOME/dydit_jax/xla` (`~/.cache/dydit_jax/xla`), at most 4 GiB (least recently
 used entries go first); `DYDIT_COMPILATION_CACHE=off` turns it off. A cache configured for
 JAX itself (`JAX_COMPILATION_CACHE_DIR`, or `jax.config` before the call) is kept as it is.
-Only process 0 writes entries (JAX's rule), so several hosts may share one directory.
+Only process 0 writes entries (JAX's rule), so several hosts may share one directory. JAX
+writes an entry in place: one cut short by a kill is unreadable, and JAX then warns and
+compiles that program as if it were not cached; deleting the directory clears it.
 """
 
 from __future__ import annotations
