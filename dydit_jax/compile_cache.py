@@ -6,8 +6,9 @@ disk instead of compiling them again: on 2 CPU cores a tiny digits train.py star
 with an empty cache and 10 s with a warm one; U-DiT-B's train step alone compiles in 3-9
 minutes there (BENCHMARKS.md). The cache lives in `$DYDIT_COMPILATION_CACHE`, by default
 `$XDG_CACHE_HOME/dydit_jax/xla` (`~/.cache/dydit_jax/xla`), at most 4 GiB (least recently
-used entries go first); `DYDIT_COMPILATION_CACHE=off` turns it off. A cache configured for
-JAX itself (`JAX_COMPILATION_CACHE_DIR`, or `jax.config` before the call) is kept as it is.
+used entries go first; JAX needs the `filelock` package for that, a requirement);
+`DYDIT_COMPILATION_CACHE=off` turns it off. A cache configured for JAX itself
+(`JAX_COMPILATION_CACHE_DIR`, or `jax.config` before the call) is kept as it is.
 Only process 0 writes entries (JAX's rule), so several hosts may share one directory. JAX
 writes an entry in place: one cut short by a kill is unreadable, and JAX then warns and
 compiles that program as if it were not cached; deleting the directory clears it.
@@ -49,6 +50,16 @@ def enable() -> str | None:
                         "directory, or to 'off'", path, e, ENV)
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    if jax.config.jax_compilation_cache_max_size < 0:  # JAX's default: unbounded
+    # JAX's LRU eviction locks the directory with `filelock` and, without it, turns the
+    # whole cache off: bound the size only where it can be bounded.
+    if jax.config.jax_compilation_cache_max_size < 0 and _has_filelock():
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
+
+
+def _has_filelock() -> bool:
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True
