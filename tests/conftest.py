@@ -56,21 +56,21 @@ def pytest_configure(config):
         config.option.maxschedchunk = 1
 
 
-# The slowest tests (seconds with a cold compilation cache on 2 cores), started first. xdist
-# keeps two tests queued per worker: the first worker gets the first two, the second the
-# next two, so those are paired to take about as long.
+# The slowest tests (seconds in a fresh clone's run: cold compilation cache, 2 workers on 2
+# cores), started first. xdist keeps two tests queued per worker: the first worker gets the
+# first two, the second the next two, so those are paired to take about as long.
 SLOW_FIRST = (
-    "test_experiments.py::test_tiny_digits_paper",  # ~140
-    "test_multiprocess.py::test_two_processes_match_one",  # ~60
-    "test_udit.py::test_training_on_digits",  # ~130
-    "test_training_faults.py::test_kill_9",  # ~110
-    "test_dydit.py::test_finetuning_moves",  # ~35
+    "test_experiments.py::test_tiny_digits_paper",  # ~170
+    "test_multiprocess.py::test_two_processes_match_one",  # ~90
+    "test_udit.py::test_training_on_digits",  # ~180
+    "test_training_faults.py::test_kill_9",  # ~160
+    "test_dydit.py::test_finetuning_moves",  # ~70
     "test_training_faults.py::test_sigterm",  # ~35
-    "test_sample.py::test_a_killed_sampling_process",  # ~32
-    "test_sampling_loop.py::test_the_compiled_loop_equals_the_step_by_step_loop[U-DiT",  # ~32
-    "test_train.py::test_train_steps_lower_the_loss",  # ~29
+    "test_sample.py::test_a_killed_sampling_process",  # ~40
+    "test_sampling_loop.py::test_the_compiled_loop_equals_the_step_by_step_loop[U-DiT",  # ~50
+    "test_train.py::test_train_steps_lower_the_loss",  # ~40
     "test_multiprocess.py::test_sigterm",  # ~26
-    "test_dynamic.py::test_sample_py_runs_the_engine",  # ~48 with set-up
+    "test_dynamic.py::test_sample_py_runs_the_engine",  # ~57 with set-up
 )
 
 
