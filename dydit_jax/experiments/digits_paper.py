@@ -86,7 +86,6 @@ def stages(workdir: str, scale: str, lambdas: list[float]) -> list[Stage]:
         if tiny:  # no grid (a sampler compile per model); the experiment still samples
             config.global_batch_size = 32
             config.sample_every_steps = 0
-            config.sample.update(steps="4", num_images=20, batch_size=20)
         return config
 
     dit = shorten(digits.get_config("tiny" if tiny else None), steps["dit"])
