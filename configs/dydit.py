@@ -14,10 +14,13 @@ ImageNet 256 latents, from a DiT workdir (ours, or a converted reference checkpo
 
 Variants: `digits[,LAMBDA]` (lambda 0.5 by default) and `SIZE/2,LAMBDA` for the paper's grid:
 S and B with lambda in {0.9, 0.8, 0.7, 0.5, 0.4, 0.3}, XL with {0.7, 0.6, 0.5, 0.3}.
-Iterations: S 50k, B 100k, XL 150k (lambda 0.7) or 200k, of which XL spends 30k in the
-complete-model warm-up stage; lr 1e-4 (XL at 0.7: 2.5e-5 with gradient clipping at 50);
-batch 256, EMA 0.9999, float32 (specs/DYDIT.md). Launch commands for several GPUs, hosts and
-TPU pods are those of configs/dit.py.
+The recipe of the release's scripts (docs/dydit_recipe.md gives the file and line of each
+number): iterations S 50k, B 100k, XL 200k, or 150k at lambda 0.7; XL trains the complete
+model alongside for the first 30k steps (stage 1), at lambda 0.7 for all 150k steps with a
+5000-step lambda ramp; lr 1e-4 (XL at 0.7: 2.5e-5); no gradient is ever scaled, an update
+is skipped when the gradient norm reaches grad_skip_norm (XL 0.5: 200, XL 0.7: 50, else the
+trainer's default 15); batch 256, EMA 0.9999, float32. Launch commands for several GPUs,
+hosts and TPU pods are those of configs/dit.py.
 """
 
 import ml_collections
@@ -47,12 +50,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_overrides.update(dtype="float32", scan_blocks=False)  # the paper's fp32; loop
     config.dydit.lambda_target = lam
     config.num_steps = ITERATIONS[size]
+    config.grad_clip_norm = 0.0  # the release never scales a gradient
+    config.grad_skip_norm = 15.0  # the trainer's default clip_max_norm
     if size == "XL":
+        # train0.5.sh: stage 1 (train.py, complete model) to step 30k, then stage 2
+        # (train_without_completemodel.py) to 200k; threshold 200 in both
         config.dydit.complete_model_steps = 30_000
-        if lam == 0.7:
+        config.grad_skip_norm = 200.0
+        if lam == 0.7:  # train0.7.sh: stage 1 only, all 150k steps
             config.num_steps = 150_000
+            config.dydit.complete_model_steps = config.num_steps
+            config.dydit.warmup_steps = 5000
             config.learning_rate = 2.5e-5
-            config.grad_clip_norm = 50.0
+            config.grad_skip_norm = 50.0
     return config
 
 

@@ -229,27 +229,25 @@ def flops_loss(ratio, lambda_target) -> jnp.ndarray:
 
 
 def lambda_schedule(step, target, *, hold_steps: int = 100, warmup_steps: int = 1000):
-    """Target FLOPs ratio at a training step.
+    """Target FLOPs ratio at a training step, as the DyDiT release's trainer computes it.
 
-    1.0 for ``step < hold_steps``, then linear from 1.0 (at ``hold_steps``) to ``target`` (at
-    ``hold_steps + warmup_steps``), then ``target``. ``warmup_steps <= 0`` jumps to
-    ``target`` at ``hold_steps``. Python numbers in -> Python float out; a jax/numpy step or
-    target -> float32 array (jittable, ``hold_steps``/``warmup_steps`` static).
+    ``1 - (1 - target) * step / warmup_steps`` up to ``warmup_steps``, ``target`` after, and
+    1.0 whenever ``step < hold_steps``: the ramp is anchored at step 0, so at ``hold_steps``
+    it jumps to where the ramp is by then (docs/dydit_recipe.md). ``warmup_steps <= 0``:
+    ``target`` from ``hold_steps`` on. Python numbers in -> Python float out; a jax/numpy
+    step or target -> float32 array (jittable, ``hold_steps``/``warmup_steps`` static).
     """
     hold, warm = int(hold_steps), int(warmup_steps)
     if isinstance(step, numbers.Integral | np.integer) and isinstance(target, numbers.Real):
-        if warm <= 0:
-            progress = 1.0 if step >= hold else 0.0
-        else:
-            progress = min(max((int(step) - hold) / warm, 0.0), 1.0)
-        # Written so that progress 0 gives exactly 1.0 and progress 1 exactly `target`.
+        if step < hold:
+            return 1.0
+        progress = 1.0 if warm <= 0 else min(int(step) / warm, 1.0)
+        # Written so that progress 1 gives exactly `target`.
         return (1.0 - progress) + progress * float(target)
     s = jnp.asarray(step).astype(jnp.float32)
-    if warm <= 0:
-        progress = (s >= hold).astype(jnp.float32)
-    else:
-        progress = jnp.clip((s - hold) / warm, 0.0, 1.0)
-    return (1.0 - progress) + progress * jnp.asarray(target, jnp.float32)
+    progress = jnp.ones_like(s) if warm <= 0 else jnp.minimum(s / warm, 1.0)
+    ramp = (1.0 - progress) + progress * jnp.asarray(target, jnp.float32)
+    return jnp.where(s < hold, jnp.float32(1.0), ramp).astype(jnp.float32)
 
 
 __all__ = [

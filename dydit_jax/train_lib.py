@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_schedule = "constant"  # after warm-up: constant | cosine (decay to 0 at num_steps)
     c.weight_decay = 0.0
     c.grad_clip_norm = 0.0  # global-norm clipping (0 = none)
+    # skip the whole update (params, EMA, optimizer state kept; counted and logged) when the
+    # global gradient norm is >= this: the DyDiT release's `clip_max_norm` (0 = never)
+    c.grad_skip_norm = 0.0
     c.ema_decay = 0.9999  # EMA of the weights, updated every step; used for sampling
     c.seed = 0
     c.init_from = ""  # a DiT/DyDiT workdir: start from its EMA weights (new routers keep init)
@@ -68,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dydit = ml_collections.ConfigDict(
         dict(
             lambda_target=0.5,  # target FLOPs ratio
-            hold_steps=100,  # lambda = 1 for these steps, then linear to lambda_target
-            warmup_steps=1000,  # over these steps
+            hold_steps=100,  # lambda = 1 before this step (the release's 100)
+            warmup_steps=1000,  # lambda ramps from 1 at step 0 to lambda_target at this step
             complete_model_steps=0,  # warm-up stage: also train the complete model (stage 1)
             stratified_timesteps=True,  # example i draws t from quarter (i mod 4)
         )
@@ -148,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     for name in ("warmup_steps", "seed", "diffusion_steps"):
         if int(config[name]) < (1 if name == "diffusion_steps" else 0):
             raise ValueError(f"config.{name} must be >= 0, got {config[name]}")
-    for name in ("weight_decay", "grad_clip_norm"):
+    for name in ("weight_decay", "grad_clip_norm", "grad_skip_norm"):
         if not float(config[name]) >= 0:
             raise ValueError(f"config.{name} must be >= 0, got {config[name]}")
     if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
@@ -535,12 +538,11 @@ def eval_flops_ratio(parts: ModelParts, params, x0, labels, num_timesteps: int =
     return float(np.mean([ratio_at(params, t) for t in ts]))
 
 
-def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, mesh):
-    """jit(fn(state, batch) -> (state, metrics)) with explicit shardings and donated state."""
+def make_loss_fn(parts: ModelParts, config: ml_collections.ConfigDict):
+    """loss_fn(params, x0, y, key, step) -> (loss, metrics): the training loss of one batch
+    (DiT/U-DiT: the IDDPM hybrid loss; DyDiT: `dydit_loss`), a pure function of its inputs."""
     diffusion = diffusion_lib.create_diffusion(None, config.diffusion_steps)
     num_classes = parts.config.num_classes
-    base_key = jax.random.key(config.seed)
-    ema_decay = config.ema_decay
     buffers = parts.buffers
 
     dynamic = isinstance(parts.config, models.DyDiTConfig)
@@ -563,6 +565,21 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
         return dydit_loss(model, diffusion, dyn, x0, t, noise, y_in, step, k_route,
                           layers.drop_labels(k_drop_full, y, config.label_dropout, num_classes))
 
+    return loss_fn
+
+
+def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, mesh):
+    """jit(fn(state, batch) -> (state, metrics)) with explicit shardings and donated state.
+
+    An update is applied only when the loss and gradient are finite and, with
+    `config.grad_skip_norm > 0`, the global gradient norm is below it (the DyDiT release's
+    update-skip threshold); otherwise params, EMA and optimizer state stay as they were (the
+    step still advances) and the metrics `nonfinite` / `skipped_large_grad` say so."""
+    base_key = jax.random.key(config.seed)
+    ema_decay = config.ema_decay
+    skip_norm = float(config.get("grad_skip_norm", 0.0))
+    loss_fn = make_loss_fn(parts, config)
+
     def step_fn(state: TrainState, batch: dict):
         key, input_key = jax.random.split(jax.random.fold_in(base_key, state.step))
         x0 = model_inputs(batch, input_key)
@@ -578,11 +595,14 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
         # A non-finite loss or gradient leaves the state as it was (only the step moves on),
         # so no NaN ever reaches the parameters or a checkpoint; the host reads the flag.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        small = metrics["grad_norm"] < skip_norm if skip_norm > 0 else jnp.bool_(True)
+        apply = finite & small
         params, ema, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
+            lambda new, old: jnp.where(apply, new, old),
             (params, ema, opt_state), (state.params, state.ema_params, state.opt_state),
         )
         metrics["nonfinite"] = (~finite).astype(jnp.float32)
+        metrics["skipped_large_grad"] = (finite & ~small).astype(jnp.float32)
         return TrainState(state.step + 1, params, ema, opt_state), metrics
 
     shardings = state_shardings(parts, tx, mesh)
@@ -716,7 +736,9 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
     preemption = PreemptionWatcher()
-    watch = NonFiniteWatch(config.get("nonfinite", "stop"), ckpt)
+    watch = NonFiniteWatch(
+        config.get("nonfinite", "stop"), ckpt, float(config.get("grad_skip_norm", 0.0))
+    )
     pending: list[dict] = []
     t_last, step_last = time.perf_counter(), start
     try:
@@ -775,10 +797,19 @@ class NonFiniteWatch:
     """Host side of the train step's non-finite guard: stop with a clear error naming the
     step (policy "stop"), or count the skipped batches (policy "skip")."""
 
-    def __init__(self, policy: str, ckpt: ckpt_lib.Checkpointer):
+    def __init__(self, policy: str, ckpt: ckpt_lib.Checkpointer, skip_norm: float = 0.0):
         self.policy, self.ckpt, self.skipped = policy, ckpt, 0
+        self.skip_norm, self.large_skipped = skip_norm, 0
 
     def check(self, fetched: list[dict], first_step: int) -> None:
+        for i, m in enumerate(fetched):
+            if m.get("skipped_large_grad"):
+                self.large_skipped += 1
+                logging.warning(
+                    "step %d: update skipped, gradient norm %.4g >= grad_skip_norm %g (%d "
+                    "skipped so far)", first_step + i, float(m["grad_norm"]), self.skip_norm,
+                    self.large_skipped,
+                )
         bad = [first_step + i for i, m in enumerate(fetched) if m["nonfinite"]]
         if not bad:
             return
@@ -801,8 +832,10 @@ class NonFiniteWatch:
     def summary(self, fetched: list[dict]) -> dict:
         """Mean metrics over the finite steps, and the skipped batches so far."""
         good = [m for m in fetched if not m["nonfinite"]] or fetched
-        out = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "nonfinite"}
+        flags = ("nonfinite", "skipped_large_grad")
+        out = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k not in flags}
         out["skipped_batches"] = float(self.skipped)
+        out["skipped_large_grad"] = float(self.large_skipped)
         return out
 
 

@@ -222,10 +222,14 @@ def test_dydit_configs_cover_the_paper_grid():
             model_config = train_lib.validate_config(config)
             assert config.model == f"DyDiT-{size}/2" and config.dydit.lambda_target == lam
             assert model_config.num_classes == 1000 and model_config.input_size == 32
-    xl = get_config("XL/2,0.7")
-    assert (xl.num_steps, xl.learning_rate, xl.grad_clip_norm) == (150_000, 2.5e-5, 50.0)
-    assert xl.dydit.complete_model_steps == 30_000
-    assert get_config("B/2,0.5").num_steps == 100_000
+    # the release's scripts: train0.5.sh (stage 1 to 30k, stage 2 to 200k, clip_max_norm
+    # 200, lr 1e-4, default warmup_step 1000) and train0.7.sh (stage 1 only, 150k steps,
+    # clip_max_norm 50, lr 2.5e-5, warmup_step 5000); no gradient is scaled
+    recipe = lambda c: (c.num_steps, c.dydit.complete_model_steps, c.dydit.warmup_steps,
+                        c.dydit.hold_steps, c.learning_rate, c.grad_skip_norm, c.grad_clip_norm)
+    assert recipe(get_config("XL/2,0.5")) == (200_000, 30_000, 1000, 100, 1e-4, 200.0, 0.0)
+    assert recipe(get_config("XL/2,0.7")) == (150_000, 150_000, 5000, 100, 2.5e-5, 50.0, 0.0)
+    assert recipe(get_config("B/2,0.5")) == (100_000, 0, 1000, 100, 1e-4, 15.0, 0.0)
     for bad in ("XL/2,0.9", "L/2,0.5", "digits,x", "digits,1.5"):
         with pytest.raises(ValueError):
             get_config(bad)

@@ -196,26 +196,35 @@ def test_flops_loss_values_and_gradient():
     assert all(np.all(np.asarray(g) != 0.0) for g in g_none)
 
 
-LAMBDA_HAND = {0: 1.0, 99: 1.0, 100: 1.0, 600: 0.75, 1100: 0.5, 5000: 0.5}
+def release_lambda(s: int, lam: float, warm: int) -> float:
+    """The release's train.py (lines 261-267), literally: a ramp from step 0, 1.0 before 100."""
+    target = 1.0 - (1.0 - lam) * s / warm if s <= warm else lam
+    return 1.0 if s < 100 else target
 
 
-@pytest.mark.parametrize("step", sorted(LAMBDA_HAND))
-def test_lambda_schedule_python(step):
-    got = lambda_schedule(step, 0.5)
-    assert isinstance(got, float)
-    assert math.isclose(got, LAMBDA_HAND[step], rel_tol=1e-12)
+# s = 0, 99, 100, 500, W, W + 1 for W = 1000 (the default) and 5000 (XL lambda 0.7)
+SCHEDULE_STEPS = [(s, w) for w in (1000, 5000) for s in (0, 99, 100, 500, w, w + 1)]
+
+
+@pytest.mark.parametrize("step,warm", SCHEDULE_STEPS)
+def test_lambda_schedule_is_the_release_formula(step, warm):
+    for lam in (0.5, 0.7, 0.3):
+        got = lambda_schedule(step, lam, warmup_steps=warm)
+        assert isinstance(got, float)
+        assert math.isclose(got, release_lambda(step, lam, warm), rel_tol=1e-12, abs_tol=1e-15)
 
 
 def test_lambda_schedule_jit():
-    steps = jnp.array(sorted(LAMBDA_HAND), jnp.int32)
+    steps = jnp.array([s for s, w in SCHEDULE_STEPS if w == 1000], jnp.int32)
     fn = jax.jit(lambda s: lambda_schedule(s, 0.5))
     np.testing.assert_allclose(
-        np.asarray(fn(steps)), [LAMBDA_HAND[int(s)] for s in steps], rtol=1e-6
+        np.asarray(fn(steps)), [release_lambda(int(s), 0.5, 1000) for s in steps], rtol=1e-6
     )
-    assert float(fn(jnp.int32(350))) == pytest.approx(0.875)
+    # anchored at step 0: at step 100 the ramp is a tenth of the way down, not at 1.0
+    assert float(fn(jnp.int32(100))) == pytest.approx(0.95)
     # Traced target, longer warm-up.
     fn2 = jax.jit(lambda s, t: lambda_schedule(s, t, warmup_steps=5000))
-    assert float(fn2(jnp.int32(2600), jnp.float32(0.3))) == pytest.approx(0.65)
+    assert float(fn2(jnp.int32(2500), jnp.float32(0.3))) == pytest.approx(0.65)
     assert lambda_schedule(100, 0.3, warmup_steps=0) == 0.3
     assert lambda_schedule(99, 0.3, warmup_steps=0) == 1.0
 

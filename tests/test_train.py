@@ -145,3 +145,49 @@ def test_learning_rate_schedules():
     config.lr_schedule = "linear-ish"
     with pytest.raises(ValueError, match="lr_schedule"):
         train_lib.validate_config(config)
+
+
+def test_a_gradient_norm_at_the_skip_threshold_skips_the_whole_update():
+    # The DyDiT release's clip_max_norm: the update is applied only below the threshold;
+    # otherwise params, EMA and AdamW state stay bit-identical and the step is counted.
+    config = tiny_config(warmup_steps=0, global_batch_size=16)
+    model_config = train_lib.validate_config(config)
+    mesh = parallel.make_mesh(config.mesh_shape)
+    with jax.set_mesh(mesh):
+        parts = train_lib.build_model(model_config, mesh, seed=0)
+        tx = train_lib.make_optimizer(config)
+        batches = data_lib.make_batches(
+            data_lib.load_source(config), global_batch_size=16, seed=0
+        )
+        batch = parallel.global_batch(batches[0], mesh)
+        results, initial = {}, parts.params
+        for threshold in (1e-9, 1e9):
+            config.grad_skip_norm = threshold
+            parts.params = jax.tree.map(jnp.copy, initial)  # the step donates its state
+            state = train_lib.init_state(parts, tx, mesh)
+            before = jax.device_get((state.params, state.ema_params, state.opt_state))
+            step = train_lib.make_train_step(parts, tx, config, mesh)
+            new, metrics = step(state, batch)  # the state is donated
+            after = jax.device_get((new.params, new.ema_params, new.opt_state))
+            results[threshold] = (before, after, jax.device_get(metrics), int(new.step))
+    before, after, metrics, step_after = results[1e-9]
+    assert step_after == 1 and metrics["grad_norm"] > 1e-9
+    assert metrics["skipped_large_grad"] == 1.0 and metrics["nonfinite"] == 0.0
+    assert leaves_equal(before, after)
+    before, after, metrics, _ = results[1e9]
+    assert metrics["skipped_large_grad"] == 0.0
+    assert not leaves_equal(before[0], after[0])  # applied: params, EMA and moments move
+    assert not leaves_equal(before[2], after[2])
+
+    # the host side counts and logs each skipped step
+    watch = train_lib.NonFiniteWatch("stop", ckpt=None, skip_norm=1.0)
+    fetched = [{"loss": 1.0, "grad_norm": 3.0, "nonfinite": 0.0, "skipped_large_grad": 1.0},
+               {"loss": 1.0, "grad_norm": 0.5, "nonfinite": 0.0, "skipped_large_grad": 0.0}]
+    watch.check(fetched, 10)
+    assert watch.large_skipped == 1
+    assert watch.summary(fetched)["skipped_large_grad"] == 1.0
+
+
+def test_grad_skip_norm_must_not_be_negative():
+    with pytest.raises(ValueError, match="grad_skip_norm must be >= 0"):
+        train_lib.validate_config(tiny_config(grad_skip_norm=-1.0))
