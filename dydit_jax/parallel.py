@@ -98,13 +98,13 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
 def batch_constrained(x: jax.Array) -> jax.Array:
     """Pin an activation to the batch sharding (rows over ('data', 'fsdp'), the rest
     replicated) when the current mesh has those axes and they divide the batch; a no-op
-    otherwise (no mesh, or one device).
+    otherwise (no mesh, or one device). The blocks' inputs and outputs and their branches'
+    outputs carry it: the Megatron layout (activations replicated over 'tensor' after the
+    row-parallel projections), so the partitioner never has to guess a layout for them."""
+    return _pin_to_batch(x)
 
-    Why: left to sharding propagation, XLA's SPMD partitioner (jax 0.10.2) miscompiles some
-    models on a data x fsdp x tensor mesh (2 x 2 x 2 CPU devices): a DiT with 4 tokens per
-    sample gave a forward 11% off the one-device result, U-DiT wrong gradients. Pinning
-    block inputs and outputs and the branch outputs restores them; it is also the Megatron
-    layout (activations replicated over 'tensor' after the row-parallel projections)."""
+
+def _pin_to_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
@@ -112,6 +112,16 @@ def batch_constrained(x: jax.Array) -> jax.Array:
     if ways == 1 and mesh.size == 1 or x.shape[0] % ways:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
+
+
+def split_constrained(x: jax.Array) -> jax.Array:
+    """Pin a projection's output to the batch sharding before it is sliced or split into
+    chunks (qkv, adaLN modulation): its last dim is sharded over 'tensor' by the parameter
+    rules, and left to the partitioner, slicing a sharded dim of a matmul whose contraction
+    dim is sharded over an axis that also shards the batch gives wrong gradients (XLA's SPMD
+    partitioner, jaxlib 0.10.2; reproduced without our code in docs/xla/). Gathering that dim
+    first makes every slice local."""
+    return _pin_to_batch(x)
 
 
 def global_batch_from_full(full: dict, mesh: Mesh) -> dict:

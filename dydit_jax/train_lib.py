@@ -575,6 +575,7 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
     `config.grad_skip_norm > 0`, the global gradient norm is below it (the DyDiT release's
     update-skip threshold); otherwise params, EMA and optimizer state stay as they were (the
     step still advances) and the metrics `nonfinite` / `skipped_large_grad` say so."""
+    check_training_mesh(parts.config, mesh)
     base_key = jax.random.key(config.seed)
     ema_decay = config.ema_decay
     skip_norm = float(config.get("grad_skip_norm", 0.0))
@@ -654,6 +655,18 @@ def run_meta(config: ml_collections.ConfigDict, model_config: models.DiTConfig, 
     }
 
 
+def check_training_mesh(model_config: models.DiTConfig, mesh) -> None:
+    """Refuse a model/mesh pair whose gradients XLA gets wrong (docs/xla/): U-DiT's XLA
+    depthwise convolution on a mesh with a 'tensor' axis."""
+    if getattr(model_config, "depthwise", None) == "xla" and mesh.shape["tensor"] > 1:
+        raise ValueError(
+            f"U-DiT with depthwise='xla' cannot train on a mesh with tensor = "
+            f"{mesh.shape['tensor']}: XLA's partitioner gets the depthwise kernels' gradients "
+            "wrong there (docs/xla/grouped_conv_kernel_grad.py). Use "
+            "--config.model_overrides.depthwise=shifted, or a mesh_shape with tensor = 1"
+        )
+
+
 def check_resume_compatible(meta: dict, model_config: models.DiTConfig, workdir: str) -> None:
     saved = meta.get("model_config")
     if saved != dataclasses.asdict(model_config):
@@ -686,6 +699,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 "workdir of a finished run"
             )
     mesh = parallel.make_mesh(config.mesh_shape)
+    check_training_mesh(model_config, mesh)
     ways = parallel.batch_size_per_step(mesh)
     if config.global_batch_size % ways:
         raise ValueError(

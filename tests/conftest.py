@@ -60,6 +60,8 @@ def pytest_configure(config):
 # cores), started first. xdist keeps two tests queued per worker: the first worker gets the
 # first two, the second the next two, so those are paired to take about as long.
 SLOW_FIRST = (
+    "test_mesh_contract.py::test_loss_and_every_gradient_leaf_match_one_device[U-DiT 8",  # ~240
+    "test_mesh_contract.py::test_loss_and_every_gradient_leaf_match_one_device[U-DiT 16",  # ~240
     "test_experiments.py::test_tiny_digits_paper",  # ~170
     "test_multiprocess.py::test_two_processes_match_one",  # ~90
     "test_udit.py::test_training_on_digits",  # ~180

@@ -158,8 +158,8 @@ def test_performance_switches_keep_the_loss_curve(overrides, tolerance, float32_
 
 def test_few_tokens_per_sample_on_a_3d_mesh():
     # DiT-S/4 at 8x8 (4 tokens per sample) on data x fsdp x tensor = 2 x 2 x 2: XLA's SPMD
-    # partitioner (jax 0.10.2) got this forward 11% wrong until the blocks' activations were
-    # pinned to the batch sharding (parallel.batch_constrained)
+    # partitioner (jax 0.10.2) got this forward 11% wrong while the adaLN and qkv outputs
+    # were split unpinned (parallel.split_constrained; docs/xla/slice_of_sharded_matmul.py)
     from flax import nnx
 
     from dydit_jax import models

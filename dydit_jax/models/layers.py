@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dydit_jax import parallel
+
 Dtype = jnp.dtype
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -199,7 +201,8 @@ class AdaLNModulation(nnx.Module):
         )
 
     def __call__(self, c: jax.Array) -> list[jax.Array]:
-        return jnp.split(self.linear(nnx.silu(c)), self.n, axis=-1)
+        # chunks of a tensor-sharded output: gathered first (parallel.split_constrained)
+        return jnp.split(parallel.split_constrained(self.linear(nnx.silu(c))), self.n, axis=-1)
 
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
@@ -237,7 +240,7 @@ class Attention(nnx.Module):
         """
         b, n, _ = x.shape
         heads = self.qkv.kernel.shape[-1] // (3 * self.head_dim)
-        qkv = self.qkv(x).reshape(b, n, 3, heads, self.head_dim)
+        qkv = parallel.split_constrained(self.qkv(x)).reshape(b, n, 3, heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.impl == "einsum":
             out = dot_product_attention(q, k, v)

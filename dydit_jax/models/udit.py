@@ -44,7 +44,8 @@ from dydit_jax.models.dit import REMAT_POLICIES
 UDIT_SIZES = {"S": (96, 4), "B": (192, 8), "L": (384, 16)}
 
 LOGIT_SCALE_INIT = math.log(10.0)  # cosine attention starts at temperature 1/10
-LOGIT_SCALE_MAX = math.log(100.0)  # the learned scale is clamped at 100
+# the learned scale's clamp: the release's literal 4.6052, not ln 100 = 4.605170 (specs)
+LOGIT_SCALE_MAX = 4.6052
 ROPE_THETA = 10000.0
 DOWNSAMPLER_KERNEL = 5  # depthwise conv in front of the token split
 FFN_KERNELS = (5, 3, 1)  # re-parameterisable depthwise branches of the FFN (fused into 5x5)
@@ -329,7 +330,8 @@ class TokenDownsampledAttention(nnx.Module):
     """Attention inside the four interleaved 2x2 sub-grids of a (B, H, W, w) map.
 
     Cosine form (default): RoPE2D on q and k, logits `normalize(q) . normalize(k)` times
-    `exp(min(logit_scale_h, ln 100))`. Vanilla form: no RoPE, logits `q . k / sqrt(d)`.
+    `exp(min(logit_scale_h, 4.6052))` (the release's rounding of ln 100). Vanilla form: no
+    RoPE, logits `q . k / sqrt(d)`.
     """
 
     def __init__(self, width: int, num_heads: int, *, config: UDiTConfig, rngs, dtype=None):
@@ -352,7 +354,8 @@ class TokenDownsampledAttention(nnx.Module):
         b, h, w, c = x.shape
         groups = split_groups(self.downsampler(x) + x)  # (B, 4, n, w)
         n = groups.shape[2]
-        qkv = self.to_qkv(groups).reshape(b, 4, n, 3, self.num_heads, self.head_dim)
+        qkv = parallel.split_constrained(self.to_qkv(groups))
+        qkv = qkv.reshape(b, 4, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, 4, n, H, d)
         if self.cosine:
             angles = rope2d_angles(self.head_dim, n)  # same for every group and head
@@ -438,10 +441,7 @@ class UDiTSubLayer(nnx.Module):
         return x + _per_sample(gate_f) * batch_sharded(self.mlp(_modulate(x, shift_f, scale_f)))
 
 
-# Pinned activations (see parallel.batch_constrained): on a 2 x 2 x 2 mesh XLA's SPMD
-# partitioner otherwise gets U-DiT's gradients before the first upsampling wrong. Not every
-# case is fixed: with 4 tokens per sample at the 1/4-resolution stage (8x8 inputs) some
-# gradients stay wrong on that mesh (tests/test_udit.py trains at 16x16).
+# Block and branch outputs carry the batch layout (parallel.batch_constrained).
 batch_sharded = parallel.batch_constrained
 
 
