@@ -49,6 +49,11 @@ flags.DEFINE_integer(
     "DyDiT engine: blocks per compiled call (1: fewest compiles; depth: one call per step).",
 )
 flags.DEFINE_string(
+    "mesh_shape", None,
+    "Mesh (data, fsdp, tensor) to sample on, e.g. '(1,1,2)'; -1 = the remaining devices "
+    "(default: every device present, data parallel; never the training run's mesh).",
+)
+flags.DEFINE_string(
     "vae", None, "Latent models: decode with this VAE (python -m dydit_jax.convert vae ...)."
 )
 flags.mark_flags_as_required(["workdir", "out"])
@@ -80,6 +85,7 @@ def main(argv):
             width_multiple=FLAGS.width_multiple,
             layers_per_call=FLAGS.layers_per_call,
             vae=FLAGS.vae,
+            mesh_shape=FLAGS.mesh_shape,
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -101,7 +101,7 @@ def memory_plan(
     Raises ValueError for a mesh that does not fit `num_devices` or a global batch that the
     data-parallel devices do not divide.
     """
-    model_config = train_lib.validate_config(config)
+    model_config = train_lib.validate_config(config, training=False)
     shape = parallel.resolve_mesh_shape(mesh_shape, num_devices)
     sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
     mesh = SimpleNamespace(shape=sizes)  # all that logical_to_mesh_spec reads

@@ -65,6 +65,23 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
     return tuple(shape)
 
 
+INFERENCE_MESH = (-1, 1, 1)  # sampling, evaluation, extraction: every device, data parallel
+
+
+def parse_mesh_shape(text: str) -> tuple[int, ...]:
+    """A command line's mesh shape, '(2,4,1)', '2,4,1' or '[2, 4, 1]' (-1 = the rest)."""
+    try:
+        shape = tuple(int(v) for v in text.strip().strip("()[]").split(","))
+    except ValueError:
+        raise ValueError(
+            f"mesh shape {text!r} is not {len(MESH_AXES)} whole numbers like '(-1,1,1)' or "
+            "'2,4,1' (axes data, fsdp, tensor; -1 = the remaining devices)"
+        ) from None
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {text!r} needs {len(MESH_AXES)} entries {MESH_AXES}")
+    return shape
+
+
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     shape = resolve_mesh_shape(mesh_shape, len(devices))

@@ -411,6 +411,7 @@ def sample_from_workdir(
     width_multiple: int | None = None,
     layers_per_call: int | None = None,
     vae: str | None = None,
+    mesh_shape=None,
 ) -> dict:
     """Load the latest (or given) checkpoint of a training workdir and export samples.
 
@@ -422,7 +423,9 @@ def sample_from_workdir(
     U-DiT runs in its fused inference form (`inference_form`). DyDiT checkpoints run the
     inference engine (dydit_jax/dynamic) unless `dynamic` is False (the masked model); its
     report (achieved FLOPs ratio, compiles, token overflow) goes into the summary and
-    OUT/dynamic.json.
+    OUT/dynamic.json. The mesh is this machine's, never the training run's: `mesh_shape`
+    (sizes or a string like '(2,4,1)'; default every device, data parallel); the weights
+    are restored onto it whatever mesh wrote them.
     """
     import ml_collections
 
@@ -434,6 +437,13 @@ def sample_from_workdir(
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     if sampler is not None:
         check_sampler(sampler, None)  # before --out is created (the model is built later)
+    if isinstance(mesh_shape, str):
+        mesh_shape = parallel.parse_mesh_shape(mesh_shape)
+    mesh_shape = tuple(parallel.INFERENCE_MESH if mesh_shape is None else mesh_shape)
+    try:
+        parallel.resolve_mesh_shape(mesh_shape, jax.device_count())
+    except ValueError as e:
+        raise ValueError(f"--mesh_shape: {e}") from None
     step, meta = ckpt_lib.read_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     sample_cfg = config.sample
@@ -448,7 +458,7 @@ def sample_from_workdir(
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     diffusion_lib.space_timesteps(config.diffusion_steps, sampling_steps)  # validates
-    model_config = train_lib.validate_config(config)
+    model_config = train_lib.validate_config(config, training=False)
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
     if dynamic is None:
         dynamic = sample_cfg.get("dynamic", True)
@@ -487,7 +497,7 @@ def sample_from_workdir(
     done = run.start()
     todo = np.flatnonzero(~done)
 
-    mesh = parallel.make_mesh(config.mesh_shape)
+    mesh = parallel.make_mesh(mesh_shape)
     report = None
     with jax.set_mesh(mesh):
         if len(todo):

@@ -122,8 +122,13 @@ def model_config_from(config: ml_collections.ConfigDict) -> models.DiTConfig:
     )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
-    """Check every field the trainer reads before anything is written; returns the model config."""
+def validate_config(
+    config: ml_collections.ConfigDict, *, training: bool = True
+) -> models.DiTConfig:
+    """Check every field the trainer reads before anything is written; returns the model config.
+
+    `training=False` (sampling, evaluating a run): the config's mesh_shape is not checked
+    against the devices present, since inference picks its own mesh."""
     try:
         check_field_types(config)
     except OSError as e:  # ml_collections' stand-in for a --config file that failed to load
@@ -165,7 +170,15 @@ def validate_config(config: ml_collections.ConfigDict) -> models.DiTConfig:
     for name in ("num_images", "batch_size"):
         if int(sample[name]) < 1:
             raise ValueError(f"config.sample.{name} must be >= 1, got {sample[name]}")
-    parallel.resolve_mesh_shape(config.mesh_shape, jax.device_count())
+    if training:
+        try:
+            parallel.resolve_mesh_shape(config.mesh_shape, jax.device_count())
+        except ValueError as e:
+            raise ValueError(
+                f"config.mesh_shape: {e}; override it on the command line, e.g. "
+                f"--config.mesh_shape='(-1,1,1)' (data parallel over all "
+                f"{jax.device_count()} devices)"
+            ) from None
     if config.sample.sampler not in sample_lib.SAMPLERS:
         raise ValueError(
             f"config.sample.sampler {config.sample.sampler!r} is not one of {sample_lib.SAMPLERS}"

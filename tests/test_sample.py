@@ -193,3 +193,56 @@ def test_a_killed_sampling_process_resumes(workdir, tmp_path):
     want = np.load(os.path.join(whole["out"], "samples.npz"))["arr_0"]
     np.testing.assert_array_equal(got["arr_0"], want)
     assert len({img.tobytes() for img in got["arr_0"]}) == 24
+
+
+def sample_with_devices(workdir, out, devices, *extra):
+    """sample.py in a subprocess that sees `devices` CPU devices; the images it wrote."""
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    env["XLA_FLAGS"] = " ".join(
+        [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        + [f"--xla_force_host_platform_device_count={devices}"]
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), f"--workdir={workdir}",
+         f"--out={out}", "--num_samples=8", "--sampling_steps=4", *extra],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(os.path.join(out, "samples.npz"))["arr_0"].astype(int)
+
+
+@pytest.mark.parametrize("model,train_mesh", [
+    ("DiT-S/2", (2, 4, 1)), ("DiT-S/2", (1, 2, 4)), ("DyDiT-S/2", (1, 2, 4)),
+])
+def test_a_run_trained_on_8_devices_samples_on_1_and_on_8(tmp_path, model, train_mesh):
+    # sampling picks its own mesh from the devices present, never the training run's
+    workdir = str(tmp_path / "run")
+    config = tiny_config(model=model, num_steps=3, mesh_shape=train_mesh, sample_every_steps=0)
+    config.model_overrides.update(num_heads=4)
+    train_lib.train_and_evaluate(config, workdir)
+    extra = ["--token_capacity=all"] if model.startswith("DyDiT") else []
+    one = sample_with_devices(workdir, str(tmp_path / "one"), 1, *extra)
+    eight = sample_with_devices(workdir, str(tmp_path / "eight"), 8, *extra)
+    assert np.abs(one - eight).max() <= 1  # within 1/255
+    if model.startswith("DyDiT"):  # the engine ran on both
+        assert os.path.exists(tmp_path / "one" / "dynamic.json")
+        assert os.path.exists(tmp_path / "eight" / "dynamic.json")
+
+
+def test_mesh_shape_flag(workdir, tmp_path):
+    summary = sample_lib.sample_from_workdir(
+        workdir, str(tmp_path / "t"), num_samples=4, sampling_steps="3", mesh_shape="(1,2,-1)"
+    )
+    assert summary["num_samples"] == 4
+    with pytest.raises(ValueError, match="--mesh_shape: mesh_shape"):
+        sample_lib.sample_from_workdir(workdir, str(tmp_path / "u"), num_samples=4,
+                                       mesh_shape="3,1,1")
+    with pytest.raises(ValueError, match="is not 3 whole numbers"):
+        sample_lib.sample_from_workdir(workdir, str(tmp_path / "v"), num_samples=4,
+                                       mesh_shape="a,b,c")
+    assert not os.path.exists(tmp_path / "u") and not os.path.exists(tmp_path / "v")
+
+
+def test_training_on_another_device_count_says_how_to_override():
+    with pytest.raises(ValueError, match=r"--config.mesh_shape='\(-1,1,1\)'"):
+        train_lib.validate_config(tiny_config(mesh_shape=(2, 8, 1)))

@@ -580,7 +580,9 @@ def write_workdir(
     config = run_config(
         model_config_, model_name=model_name, image_size=image_size, num_classes=num_classes
     )
-    rebuilt = train_lib.validate_config(ml_collections.ConfigDict(config.to_dict()))
+    rebuilt = train_lib.validate_config(
+        ml_collections.ConfigDict(config.to_dict()), training=False
+    )
     if rebuilt != model_config_:
         raise RuntimeError(f"run config rebuilds {rebuilt}, not {model_config_}")
     shapes = _flatten(param_shapes(model_config_))
