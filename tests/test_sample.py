@@ -246,3 +246,18 @@ def test_mesh_shape_flag(workdir, tmp_path):
 def test_training_on_another_device_count_says_how_to_override():
     with pytest.raises(ValueError, match=r"--config.mesh_shape='\(-1,1,1\)'"):
         train_lib.validate_config(tiny_config(mesh_shape=(2, 8, 1)))
+
+
+def test_random_labels_are_the_reference_protocol():
+    # sample_ddp.py draws every label uniformly from 0..K-1, independently: random labels
+    # are not balanced, cover the classes evenly in expectation, and follow the seed
+    labels = sample_lib.make_labels("random", 50_000, 1000, seed=0)
+    counts = np.bincount(labels, minlength=1000)
+    assert labels.dtype == np.int32 and counts.min() >= 20 and counts.max() <= 85
+    assert len(set(counts.tolist())) > 1  # not exactly 50 each, as balanced gives
+    chi2 = float(((counts - 50.0) ** 2 / 50.0).sum())  # 999 degrees of freedom
+    assert 850 < chi2 < 1150
+    np.testing.assert_array_equal(labels, sample_lib.make_labels("random", 50_000, 1000, 0))
+    assert not np.array_equal(labels, sample_lib.make_labels("random", 50_000, 1000, 1))
+    np.testing.assert_array_equal(np.bincount(sample_lib.make_labels("balanced", 50_000, 1000)),
+                                  np.full(1000, 50))
