@@ -89,6 +89,10 @@ def main(argv):
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if summary.get("already_complete"):
+        print(f"{summary['out']} already holds these {summary['num_samples']} samples (step "
+              f"{summary['step']}); sampling is complete, nothing was written")
+        return
     logging.info("wrote %s", summary)
     if summary["dynamic"]:
         r = summary["dynamic"]

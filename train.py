@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first: glibc reads the huge-page tunable only at s
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dydit_jax import compile_cache, logs, parallel, train_lib  # noqa: E402
+from dydit_jax import cli, compile_cache, logs, parallel, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
@@ -31,9 +31,12 @@ def main(argv):
     parallel.initialize_distributed()
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train_lib.TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)  # the shell's code for a Ctrl-C
     except (ValueError, FileNotFoundError, train_lib.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -439,7 +439,7 @@ def trained_digits(args) -> list[dict]:
         dit_config = model_config(
             config.model.replace("DyDiT", "DiT"), input_size=config.image_size,
             in_channels=config.in_channels, num_classes=config.num_classes,
-            **dict(config.model_overrides),
+            **train_lib.active_overrides(config),
         )
         dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
         backbone = dit_subset(jax.device_get(weights))

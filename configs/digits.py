@@ -15,15 +15,15 @@ any field: `--config.num_steps=3000 --config.model_overrides.depth=6`.
 
 import ml_collections
 
-from dydit_jax.train_lib import base_config
+from dydit_jax.train_lib import base_config, model_overrides
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     # --- model: DiT-S/2 shrunk to fit a 2-core CPU budget
     config.model = "DiT-S/2"
-    config.model_overrides = ml_collections.ConfigDict(
-        dict(depth=4, hidden_size=192, num_heads=3, dtype="float32")
+    config.model_overrides = model_overrides(
+        **dict(depth=4, hidden_size=192, num_heads=3, dtype="float32")
     )
     # --- data: native 8x8 grey digits (other image sizes resize bilinearly)
     config.dataset = "digits"

@@ -45,7 +45,7 @@ field: `--config.global_batch_size=512 --config.model_overrides.remat=full`.
 import ml_collections
 
 from dydit_jax import models, parallel
-from dydit_jax.train_lib import base_config
+from dydit_jax.train_lib import base_config, model_overrides
 
 # image resolution -> latent size (the KL-f8 VAE downsamples by 8)
 RESOLUTIONS = {256: 32, 512: 64}
@@ -68,8 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     # --- model
     config.model = f"DiT-{variant}"
-    config.model_overrides = ml_collections.ConfigDict(
-        dict(
+    config.model_overrides = model_overrides(
+        **dict(
             dtype="bfloat16",  # compute dtype; parameters, optimizer and EMA stay float32
             attention="xla",  # einsum (f32 softmax, reference numerics) | xla | cudnn (flash)
             remat="none",  # none | dots | full: trade recompute for activation memory

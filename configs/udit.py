@@ -50,7 +50,7 @@ hybrid loss. Override any field: `--config.global_batch_size=512
 import ml_collections
 
 from dydit_jax import models, parallel
-from dydit_jax.train_lib import base_config
+from dydit_jax.train_lib import base_config, model_overrides
 
 # image resolution -> latent size (the KL-f8 VAE downsamples by 8)
 RESOLUTIONS = {256: 32, 512: 64}
@@ -93,8 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     # --- model
     config.model = f"U-DiT-{size}"
-    config.model_overrides = ml_collections.ConfigDict(
-        dict(
+    config.model_overrides = model_overrides(
+        **dict(
             vanilla=vanilla,  # plain baseline: dot-product attention, no RoPE, plain MLP
             dtype="bfloat16",  # compute dtype; parameters, optimizer and EMA stay float32
             attention="xla",  # einsum (f32 softmax, reference numerics) | xla | cudnn (flash)
@@ -128,8 +128,8 @@ def digits_config() -> ml_collections.ConfigDict:
     # --- model: U-DiT-S shrunk to a CPU budget (widths 32 / 64 / 128, head widths 16 / 32 /
     # 64, blocks 1 / 1 / 2 / 1 / 1)
     config.model = "U-DiT-S"
-    config.model_overrides = ml_collections.ConfigDict(
-        dict(
+    config.model_overrides = model_overrides(
+        **dict(
             hidden_size=32, num_heads=2, depth_level1=1, depth_level2=1, depth_latent=2,
             dtype="float32",
         )

@@ -14,7 +14,10 @@ an interrupted save never leaves a step that restore would accept.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import logging
 import os
 import shutil
 import tempfile
@@ -22,12 +25,46 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
     pass
+
+
+class CheckpointDamagedError(ValueError):
+    """A saved step that cannot be read back (a truncated or deleted file, garbage meta)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _first_line(error: BaseException, limit: int = 240) -> str:
+    """The first line of the innermost cause (TensorStore's says which file broke)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    line = (text[0] if text else type(error).__name__).strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """A damaged step fails many parallel reads; the first error is reported, and asyncio's
+    "exception was never retrieved" log of each of the others (hundreds of lines) is not."""
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: steps set aside, never deleted
 
 
 # Orbax splits a replicated array between its replicas to write it in parallel; each piece is
@@ -79,13 +116,54 @@ class Checkpointer:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
         args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
         args["meta"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            with _quiet_asyncio():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+            with _quiet_asyncio():  # the other failed reads' futures, collected silently
+                gc.collect()
+            raise CheckpointDamagedError(
+                f"checkpoint step {step} in {self.directory} cannot be restored: "
+                f"{_first_line(e)}", step,
+            ) from None
         return step, {name: restored[name] for name in targets}, restored["meta"]
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def meta(self, step: int) -> dict:
         """The JSON meta item of a step, without touching its arrays."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored["meta"]
+        where = os.path.join(self.directory, str(step), "meta")
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            meta = restored["meta"]
+            if not isinstance(meta, dict) or "config" not in meta:
+                raise ValueError("no run config in it")
+        except Exception as e:  # noqa: BLE001 - a missing item, invalid JSON, ...
+            raise CheckpointDamagedError(
+                f"checkpoint step {step}: its meta item {where} is missing or unreadable "
+                f"({_first_line(e)})", step,
+            ) from None
+        return meta
+
+    def set_aside(self, step: int) -> str:
+        """Move a damaged step out of checkpoints/ (into checkpoints_damaged/, never deleted)
+        so that training goes on from an older one; returns where it went."""
+        source = os.path.join(self.directory, str(step))
+        target_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+        target, n = os.path.join(target_dir, str(step)), 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(target_dir, f"{step}.{n}")
+        if jax.process_index() == 0:
+            os.makedirs(target_dir, exist_ok=True)
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set-aside-{step}")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         """Block until pending async saves are committed; errors from them surface here."""
@@ -125,9 +203,17 @@ def check_writable(directory: str, need_bytes: int = 0, *, what: str = "the outp
     free = shutil.disk_usage(existing).free
     if free < need_bytes:
         raise ValueError(
-            f"{what} {directory} has {free / 2**30:.2f} GiB free but this run needs about "
-            f"{need_bytes / 2**30:.2f} GiB; free space or choose another directory"
+            f"{what} {directory} has {format_bytes(free)} free but this run needs about "
+            f"{format_bytes(need_bytes)}; free space or choose another directory"
         )
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1: 3.20 GiB, 512.0 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
@@ -152,9 +238,28 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
                 "pick one of those or leave out --step for the latest"
             )
         step = saved[-1] if step is None else step
-        return step, ckpt.meta(step)
+        try:
+            return step, ckpt.meta(step)
+        except CheckpointDamagedError as e:
+            good = [s for s in saved if s != step and _readable_meta(ckpt, s)]
+            raise CheckpointDamagedError(f"{e}. {other_steps_hint(good)}", step) from None
     finally:
         ckpt.close()
+
+
+def _readable_meta(ckpt: Checkpointer, step: int) -> bool:
+    try:
+        ckpt.meta(step)
+    except CheckpointDamagedError:
+        return False
+    return True
+
+
+def other_steps_hint(good: list[int]) -> str:
+    """The advice after a damaged step: the saved steps that do read back."""
+    if not good:
+        return "No other saved step of this workdir reads back either"
+    return f"Use another saved step with --step=N, N one of {sorted(good)} (these read back)"
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

@@ -234,9 +234,16 @@ class _atomic:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def grid_upscale(image_size: int) -> int:
@@ -437,6 +444,7 @@ def sample_from_workdir(
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     if sampler is not None:
         check_sampler(sampler, None)  # before --out is created (the model is built later)
+    dynamic_flag = dynamic
     if isinstance(mesh_shape, str):
         mesh_shape = parallel.parse_mesh_shape(mesh_shape)
     mesh_shape = tuple(parallel.INFERENCE_MESH if mesh_shape is None else mesh_shape)
@@ -444,6 +452,15 @@ def sample_from_workdir(
         parallel.resolve_mesh_shape(mesh_shape, jax.device_count())
     except ValueError as e:
         raise ValueError(f"--mesh_shape: {e}") from None
+    if "://" not in out and (
+        os.path.isdir(ckpt_lib.checkpoint_dir(out))
+        or os.path.realpath(out) == os.path.realpath(workdir)
+    ):
+        raise ValueError(
+            f"--out {out} is a training run's workdir (it holds checkpoints/, and sampling "
+            "would overwrite its grid.png and run files); choose another --out, e.g. "
+            f"{os.path.join(workdir, 'samples')}"
+        )
     step, meta = ckpt_lib.read_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     sample_cfg = config.sample
@@ -452,6 +469,7 @@ def sample_from_workdir(
     cfg_scale = sample_cfg.cfg_scale if cfg_scale is None else cfg_scale
     if not float(cfg_scale) >= 1.0:
         raise ValueError(f"--cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    guided_flag = guided_channels is not None
     if guided_channels is None:
         guided_channels = sample_cfg.guided_channels
     batch_size = sample_cfg.batch_size if batch_size is None else batch_size
@@ -462,6 +480,20 @@ def sample_from_workdir(
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
     if dynamic is None:
         dynamic = sample_cfg.get("dynamic", True)
+    channels_in = model_config.in_channels
+    if guided_flag and not (guided_channels == -1 or 1 <= guided_channels <= channels_in):
+        raise ValueError(
+            f"--guided_channels={guided_channels}: this model has {channels_in} channel"
+            f"{'s' if channels_in > 1 else ''}; use -1 (all) or 1..{channels_in}"
+        )
+    engine_flags = {"--dynamic": dynamic_flag, "--token_capacity": token_capacity,
+                    "--width_multiple": width_multiple, "--layers_per_call": layers_per_call}
+    given = [name for name, value in engine_flags.items() if value]
+    if given and not isinstance(model_config, models.DyDiTConfig):
+        logging.warning(
+            "%s: DyDiT engine option%s ignored, %s is a %s run", ", ".join(given),
+            "s" if len(given) > 1 else "", workdir, config.model,
+        )
     dynamic = dynamic and isinstance(model_config, models.DyDiTConfig)
     engine_opts = train_lib.engine_options(
         sample_cfg, token_capacity=token_capacity, width_multiple=width_multiple,
@@ -488,7 +520,7 @@ def sample_from_workdir(
     finished = run.completed()
     if finished is not None:
         logging.info("%s already holds these samples; nothing to do", out)
-        return finished
+        return finished | {"already_complete": True}
     if config.get("dataset") == "latents" and decoder is None:
         logging.warning(
             "this model samples VAE latents; without --vae they are exported in model space, "

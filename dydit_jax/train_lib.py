@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # --- model
     c.model = "DiT-XL/2"  # registry name: DiT-{S,B,L,XL}/{2,4,8}
-    c.model_overrides = ml_collections.ConfigDict()  # replace model fields (depth, dtype, ...)
+    c.model_overrides = model_overrides()  # replace model fields (depth, dtype, ...)
     # --- data
     c.dataset = "digits"  # digits (embedded) | latents (ArrayRecord shards in data_dir)
     c.data_dir = ""
@@ -110,9 +110,32 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# model fields that the run config sets at its top level (image_size, in_channels, ...)
+_TOP_LEVEL_MODEL_FIELDS = ("input_size", "in_channels", "num_classes")
+
+
+def model_overrides(**values) -> ml_collections.ConfigDict:
+    """`config.model_overrides`: a typed, unset (None) entry for every field of the DiT,
+    DyDiT and U-DiT configs, so that `--config.model_overrides.KEY=VALUE` works on every
+    config file; `values` set some. Unset entries change nothing."""
+    group = ml_collections.ConfigDict()
+    for config_class in (models.DiTConfig, models.DyDiTConfig, models.UDiTConfig):
+        for field in dataclasses.fields(config_class):
+            if field.name not in _TOP_LEVEL_MODEL_FIELDS and field.name not in group:
+                group[field.name] = ml_collections.config_dict.placeholder(type(field.default))
+    for name, value in values.items():
+        group[name] = value
+    return group
+
+
+def active_overrides(config: ml_collections.ConfigDict) -> dict:
+    """The model fields a run config sets (unset placeholders left out)."""
+    return {k: v for k, v in dict(config.get("model_overrides") or {}).items() if v is not None}
+
+
 def model_config_from(config: ml_collections.ConfigDict) -> models.DiTConfig:
     """The model config a run config names; raises a clear ValueError on bad fields."""
-    overrides = dict(config.get("model_overrides") or {})
+    overrides = active_overrides(config)
     return models.model_config(
         config.model,
         input_size=config.image_size,
@@ -240,6 +263,7 @@ def check_model_overrides(config: ml_collections.ConfigDict) -> None:
     overrides = config.get("model_overrides") or {}
     if not isinstance(overrides, ml_collections.ConfigDict | dict):
         raise ValueError(f"config.model_overrides must be a group of fields, got {overrides!r}")
+    overrides = active_overrides(config)
     kinds = {}
     for config_class in (models.DiTConfig, models.DyDiTConfig, models.UDiTConfig):
         kinds |= {f.name: type(f.default) for f in dataclasses.fields(config_class)}
@@ -425,7 +449,20 @@ def restore_weights(
     target = {item: ckpt_lib.abstract_like(parts.param_shapes, parts.param_shardings)}
     ckpt = ckpt_lib.Checkpointer(workdir, create=False)
     try:
-        _, restored, _ = ckpt.restore(target, step)
+        try:
+            _, restored, _ = ckpt.restore(target, step)
+        except ckpt_lib.CheckpointDamagedError as e:
+            good = []
+            for other in ckpt.all_steps():
+                if other != step:
+                    try:
+                        ckpt.restore(target, other)
+                        good.append(other)
+                    except ckpt_lib.CheckpointDamagedError:
+                        pass
+            raise ckpt_lib.CheckpointDamagedError(
+                f"{e}. {ckpt_lib.other_steps_hint(good)}", step
+            ) from None
     finally:
         ckpt.close()
     return step, config, parts, restored[item]
@@ -681,12 +718,15 @@ def check_training_mesh(model_config: models.DiTConfig, mesh) -> None:
 
 
 def check_resume_compatible(meta: dict, model_config: models.DiTConfig, workdir: str) -> None:
-    saved = meta.get("model_config")
-    if saved != dataclasses.asdict(model_config):
+    saved, now = meta.get("model_config") or {}, dataclasses.asdict(model_config)
+    if saved != now:
+        fields = sorted(set(saved) | set(now))
+        differ = [f"{k}: {saved.get(k, '(none)')!r} there, {now.get(k, '(none)')!r} here"
+                  for k in fields if saved.get(k, "(none)") != now.get(k, "(none)")]
         raise ValueError(
-            f"{workdir} holds checkpoints of another model ({meta.get('model')}: {saved}); "
-            f"this config builds {dataclasses.asdict(model_config)}. Use a new --workdir or "
-            "the config the checkpoints were trained with."
+            f"{workdir} holds checkpoints of another model ({meta.get('model')}; "
+            f"{'; '.join(differ)}). Use a new --workdir or the config the checkpoints were "
+            "trained with."
         )
 
 
@@ -734,9 +774,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs:// workdirs
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    resume = ckpt.latest_step() is not None
-    if resume:
-        check_resume_compatible(ckpt.meta(ckpt.latest_step()), model_config, workdir)
+    resume = _newest_readable_meta(ckpt, model_config, workdir) is not None
     parts = build_model(
         model_config, mesh, seed=config.seed, rules=config.sharding_rules,
         init_params=not resume,  # a resumed run never allocates a fresh state
@@ -747,7 +785,8 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         f"{sum(x.size for x in jax.tree.leaves(parts.param_shapes)):,}",
     )
     if resume:
-        step, items, _ = ckpt.restore(restore_targets(parts, tx, mesh))
+        step, items = _restore_newest(ckpt, restore_targets(parts, tx, mesh), model_config,
+                                      workdir)
         shardings = state_shardings(parts, tx, mesh)
         state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), **items)
         logging.info("resumed from step %d in %s", step, ckpt.directory)
@@ -756,13 +795,19 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
             parts.params = initial_weights(parts, config.init_from, mesh)
         state = init_state(parts, tx, mesh)
     start = int(state.step)
+    if start >= config.num_steps:
+        logging.info("training is complete: step %d of num_steps %d is saved in %s; nothing "
+                     "to do (raise --config.num_steps to train on)", start, config.num_steps,
+                     ckpt.directory)
+        ckpt.close()
+        return state
     grids = model_config.in_channels in (1, 3)  # latent grids need the VAE decoder (issue 7)
 
     writer = MetricWriter(workdir, just_logging=jax.process_index() > 0)
     train_step = make_train_step(parts, tx, config, mesh)
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
-    preemption = PreemptionWatcher()
+    preemption, stopped_at = PreemptionWatcher(), None
     watch = NonFiniteWatch(
         config.get("nonfinite", "stop"), ckpt, float(config.get("grad_skip_norm", 0.0))
     )
@@ -771,7 +816,9 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     try:
         for step in range(start, config.num_steps):
             if preemption.requested(step):
-                logging.warning("SIGTERM: saving a checkpoint at step %d and stopping", step)
+                logging.warning("%s: saving a checkpoint at step %d and stopping",
+                                preemption.name, step)
+                stopped_at = step
                 watch.check(jax.device_get(pending), step - len(pending))
                 if ckpt.latest_step() != step:
                     ckpt.save(step, _items(state), run_meta(config, model_config, step),
@@ -813,6 +860,8 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         ckpt.close()  # waits for the async saves; their errors surface here
         writer.flush()
         writer.close()
+    if stopped_at is not None and preemption.signum == signal.SIGINT:
+        raise TrainingInterrupted(stopped_at, ckpt.directory)
     return state
 
 
@@ -866,17 +915,37 @@ class NonFiniteWatch:
         return out
 
 
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped training after a checkpoint of the current step was saved."""
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(
+            f"interrupted (Ctrl-C): saved a checkpoint at step {step} in {directory}; run the "
+            "same command to resume"
+        )
+        self.step = step
+
+
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag that the loop checks between steps (all hosts agree)."""
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag that the loop checks between
+    steps (all hosts agree); a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.flag = False
-        self.previous = None
+        self.flag, self.signum = False, None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.flag = True
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop without waiting for the save
+        self.flag, self.signum = True, self.signum or signum
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
 
     def requested(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -886,9 +955,48 @@ class PreemptionWatcher:
         return bool(np.max(flags))
 
     def close(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous = {}
+
+
+def _set_aside(ckpt: ckpt_lib.Checkpointer, error: ckpt_lib.CheckpointDamagedError) -> None:
+    where = ckpt.set_aside(error.step)
+    logging.warning("skipping damaged checkpoint step %d (%s); moved it to %s (kept, not "
+                    "deleted) and resuming from an older one", error.step, error, where)
+
+
+def _newest_readable_meta(ckpt: ckpt_lib.Checkpointer, model_config, workdir) -> int | None:
+    """The newest saved step whose meta reads back (damaged newer ones are set aside), after
+    checking that it is of this model; None when the workdir holds no checkpoint."""
+    saved = ckpt.all_steps()
+    for step in reversed(saved):
+        try:
+            meta = ckpt.meta(step)
+        except ckpt_lib.CheckpointDamagedError as e:
+            _set_aside(ckpt, e)
+            continue
+        check_resume_compatible(meta, model_config, workdir)
+        return step
+    if saved:
+        raise ValueError(
+            f"none of the checkpoints {saved} in {ckpt.directory} reads back (they were moved "
+            f"to {ckpt_lib.DAMAGED_DIR}/); use a new --workdir"
+        )
+    return None
+
+
+def _restore_newest(ckpt, targets, model_config, workdir) -> tuple[int, dict]:
+    """Restore the newest step that restores whole, setting damaged ones aside."""
+    while True:
+        step = _newest_readable_meta(ckpt, model_config, workdir)
+        if step is None:
+            raise ValueError(f"no checkpoint in {ckpt.directory} restores; use a new --workdir")
+        try:
+            step, items, _ = ckpt.restore(targets, step)
+            return step, items
+        except ckpt_lib.CheckpointDamagedError as e:
+            _set_aside(ckpt, e)
 
 
 def _items(state: TrainState) -> dict:

@@ -156,3 +156,50 @@ def test_memory_cli_prints_a_table():
     assert "total (estimate)" in out.stdout and "estimate" in out.stdout
     bad = run_cli("--config=configs/dit.py:S/2", "--mesh=2,2,1", "--devices=8")
     assert bad.returncode != 0 and "mesh_shape" in bad.stderr
+
+
+@pytest.mark.parametrize("config_file,overrides", [
+    ("dit.py:S/2", ["depth=6", "mlp_ratio=2.0"]),
+    ("digits.py", ["depth=6", "attention=xla", "remat=full", "scan_blocks=true",
+                   "mlp_ratio=2.0", "patch_size=4"]),
+    ("udit.py:digits", ["depthwise=xla", "remat=dots"]),
+    ("dydit.py:digits", ["router_layout=all", "tau=2.0"]),
+])
+def test_every_model_field_is_overridable_on_every_config(config_file, overrides):
+    # config_flags locks the config: a key the file did not write used to be an AttributeError
+    name, _, variant = config_file.partition(":")
+    config = load(name, variant or None)
+    config.lock()
+    for override in overrides:
+        key, value = override.split("=")
+        kind = type(config.model_overrides[key]) if config.model_overrides[key] is not None \
+            else config.model_overrides.get_type(key)
+        parsed = {"true": True, "false": False}.get(value) if kind is bool else kind(value)
+        setattr(config.model_overrides, key, parsed)
+    config.init_from = ""
+    model_config = train_lib.validate_config(config, training=False)
+    for override in overrides:
+        name, value = override.split("=")
+        got = getattr(model_config, name)
+        want = {"true": True, "false": False}.get(value, value)
+        assert str(got) == str(type(got)(want)), (name, got)
+
+
+def test_unset_model_overrides_change_nothing():
+    config = load("dit.py", "XL/2")
+    assert train_lib.active_overrides(config) == {
+        "dtype": "bfloat16", "attention": "xla", "remat": "none", "scan_blocks": True}
+    assert train_lib.model_config_from(config).depth == 28
+
+
+def test_a_config_key_typo_gets_the_closest_names():
+    from dydit_jax import cli
+
+    config = load("digits.py", "tiny")
+    error = AttributeError("'num_step'\nDid you mean \"num_steps\" instead of \"num_step\"?")
+    message = cli.config_override_message(error, ["--config.num_step=3"], config)
+    assert message.startswith("--config.num_step: the config has no such key; did you mean "
+                              "config.num_steps?")
+    message = cli.config_override_message(
+        AttributeError("'drop_out'"), ["--config.dydit.drop_out=3"], config)
+    assert "the closest:" in message and "hold_steps" in message.split("closest:")[1]

@@ -261,3 +261,41 @@ def test_random_labels_are_the_reference_protocol():
     assert not np.array_equal(labels, sample_lib.make_labels("random", 50_000, 1000, 1))
     np.testing.assert_array_equal(np.bincount(sample_lib.make_labels("balanced", 50_000, 1000)),
                                   np.full(1000, 50))
+
+
+def test_outputs_follow_the_umask_and_a_rerun_says_it_is_complete(workdir, tmp_path, caplog):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o"
+        first = sample_lib.sample_from_workdir(workdir, str(out), num_samples=3,
+                                               sampling_steps="2", progress=False)
+    finally:
+        os.umask(old)
+    for name in ("samples.npz", "grid.png", "run.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o644, name  # readable by others
+    assert "already_complete" not in first
+    again = sample_lib.sample_from_workdir(workdir, str(out), num_samples=3,
+                                           sampling_steps="2", progress=False)
+    assert again["already_complete"]
+    proc = run_entry_point("sample.py", f"--workdir={workdir}", f"--out={out}",
+                           "--num_samples=3", "--sampling_steps=2")
+    assert proc.returncode == 0 and "sampling is complete, nothing was written" in proc.stdout
+
+
+def test_engine_flags_on_a_dit_run_warn_once(workdir, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        sample_lib.sample_from_workdir(workdir, str(tmp_path / "o"), num_samples=2,
+                                       sampling_steps="2", progress=False,
+                                       token_capacity="all", width_multiple=2)
+    warnings = [r.getMessage() for r in caplog.records if "DyDiT engine option" in
+                r.getMessage()]
+    assert len(warnings) == 1 and "--token_capacity, --width_multiple" in warnings[0]
+
+
+def test_format_bytes():
+    from dydit_jax.checkpoint import format_bytes
+
+    assert format_bytes(16) == "16 bytes"
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(3 * 2**20) == "3.00 MiB"
+    assert format_bytes(5 * 2**30) == "5.00 GiB"

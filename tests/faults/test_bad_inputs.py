@@ -258,7 +258,8 @@ TRAINING = [
          marks=no_proc),
     case("workdir under a file", Train({}, "is a file, not a directory",
                                        workdir="{files}/plain.txt/run")),
-    case("resume another model", Train({"model_overrides.depth": 3}, "another model",
+    case("resume another model", Train({"model_overrides.depth": 3},
+                                       "another model .*depth: 2 there, 3 here",
                                        workdir="{workdir}")),
 ]
 
@@ -329,6 +330,9 @@ SAMPLING = [
                                             r"run \(seed: 0 there, 1 now\)", out="{out}")),
     case("finished out, other count", Sample({"num_samples": 9}, "already holds the samples",
                                              out="{out}")),
+    case("out is the workdir", Sample({}, "is a training run's workdir", out="{workdir}")),
+    case("guided_channels 5 of 1", Sample({"guided_channels": 5},
+                                          "--guided_channels=5: this model has 1 channel")),
     case("finished out, other steps", Sample({"sampling_steps": "3"}, "already holds the sampl",
                                              out="{out}")),
 ]
@@ -622,6 +626,13 @@ SCRIPTS = [
          "Unknown command line flag 'bogus_flag'"),
     case("train config file missing", ["train.py", "--config=configs/nope.py",
                                        "--workdir={tmp}/never"], "configs/nope.py"),
+    case("train config key typo", ["train.py", "--config=configs/digits.py:tiny",
+                                   "--workdir={tmp}/never", "--config.num_step=10"],
+         "error: --config.num_step: the config has no such key; did you mean "
+         "config.num_steps?"),
+    case("train unknown config key", ["train.py", "--config=configs/digits.py:tiny",
+                                      "--workdir={tmp}/never", "--config.foo=1"],
+         "error: --config.foo: the config has no such key; the closest:"),
     case("sample workdir missing", ["sample.py", "--workdir={tmp}/nowhere", "--out={tmp}/never"],
          "no checkpoint found"),
     case("sample bad labels", ["sample.py", "--workdir={workdir}", "--out={tmp}/never",
@@ -642,7 +653,7 @@ def test_script_refuses_without_traceback(argv, message, paths, existing, record
 def test_the_sweep_is_broad():
     tables = (TRAINING, SAMPLING, LATENT_DIRS, EVALUATE, CONVERT, STATE_DICTS, EXTRACT, SCRIPTS)
     assert sum(len(t) for t in tables) >= 55
-    assert len(SCRIPTS) <= 5  # each costs seconds
+    assert len(SCRIPTS) <= 7  # each costs seconds
 
 
 # ---------------------------------------------------------------------------- a full disk
@@ -657,9 +668,12 @@ def test_a_full_disk_is_detected_before_training_or_sampling(paths, existing, re
         shutil, "disk_usage", lambda p: real(p)._replace(free=16)
     )
     workdir, out = os.path.join(paths["tmp"], "run"), os.path.join(paths["tmp"], "samples")
-    with pytest.raises(ValueError, match="GiB free but this run needs about"):
+    # small numbers in units that show them
+    with pytest.raises(ValueError, match=r"has 16 bytes free but this run needs about "
+                                         r"[0-9.]+ MiB"):
         train_lib.train_and_evaluate(bad_config({}), workdir)
-    with pytest.raises(ValueError, match="GiB free but this run needs about"):
+    with pytest.raises(ValueError, match=r"has 16 bytes free but this run needs about "
+                                         r"[0-9.]+ KiB"):
         sample_lib.sample_from_workdir(paths["workdir"], out, num_samples=8, batch_size=8,
                                        sampling_steps="2", progress=False)
     assert not os.path.exists(workdir) and not os.path.exists(out)

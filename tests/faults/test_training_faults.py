@@ -137,7 +137,9 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
-def test_sigterm_saves_and_exits_0_then_the_run_completes(tmp_path, record_property):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_save_and_stop_then_the_run_completes(tmp_path, record_property,
+                                                                  signum):
     workdir = tmp_path / "preempted"
     short = "--config.num_steps=40"
     proc = start(workdir, short)
@@ -145,18 +147,70 @@ def test_sigterm_saves_and_exits_0_then_the_run_completes(tmp_path, record_prope
     while time.time() < deadline and not committed_steps(workdir):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    match = re.search(r"SIGTERM: saving a checkpoint at step (\d+)", out)
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert "Traceback" not in out, out[-3000:]
+    match = re.search(rf"{name}: saving a checkpoint at step (\d+)", out)
     assert match, out[-3000:]
     stopped = int(match[1])
+    if signum == signal.SIGTERM:  # a preemption: a normal exit
+        assert proc.returncode == 0, out[-3000:]
+    else:  # an interruption: the shell's code for Ctrl-C, and where it saved
+        assert proc.returncode == 130, out[-3000:]
+        assert f"interrupted (Ctrl-C): saved a checkpoint at step {stopped}" in out
     assert 0 < stopped < 40 and committed_steps(workdir)[-1] == stopped
     proc = start(workdir, short)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and f"resumed from step {stopped}" in out, out[-3000:]
     assert committed_steps(workdir)[-1] == 40
     record_property("fault:sigterms survived", 1)
+    if signum == signal.SIGTERM:
+        # a rerun of the finished run says so and writes nothing
+        before = sorted(os.listdir(workdir))
+        proc = start(workdir, short)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and "training is complete: step 40" in out, out[-3000:]
+        assert sorted(os.listdir(workdir)) == before  # no new events file
+
+
+def damage(workdir, step: int, item: str = "ema_params") -> None:
+    """Cut every data file of one item of a saved step to 10 bytes (a disk that filled up)."""
+    folder = os.path.join(checkpoint_dir(str(workdir)), str(step), item)
+    for root, _, names in os.walk(folder):
+        if os.path.basename(root) == "d":
+            for name in names:
+                os.truncate(os.path.join(root, name), 10)
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_before_it(tmp_path):
+    from dydit_jax import sample_lib
+    from dydit_jax.checkpoint import CheckpointDamagedError
+
+    config = lambda steps: tiny_config(num_steps=steps, checkpoint_every_steps=4,
+                                       log_every_steps=4, sample_every_steps=0)
+    reference = train_lib.train_and_evaluate(config(12), str(tmp_path / "reference"))
+    workdir = tmp_path / "run"
+    train_lib.train_and_evaluate(config(8), str(workdir))
+    damage(workdir, 8)
+    # sampling names the damaged step and the ones that read back
+    with pytest.raises(CheckpointDamagedError,
+                       match=r"step 8 .* cannot be restored: .*--step=N, N one of \[4\]"):
+        sample_lib.sample_from_workdir(str(workdir), str(tmp_path / "s"), num_samples=2,
+                                       sampling_steps="2", progress=False)
+    # training goes on from step 4, keeping the damaged step aside (renamed, not deleted)
+    state = train_lib.train_and_evaluate(config(12), str(workdir))
+    assert os.listdir(tmp_path / "run" / "checkpoints_damaged") == ["8"]
+    assert committed_steps(workdir)[-1] == 12
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+                 jax.device_get(reference.params))  # as if never damaged
+    # a meta item deleted, or garbage in it: named, with the steps that read back
+    import shutil
+
+    shutil.rmtree(os.path.join(checkpoint_dir(str(workdir)), "12", "meta"))
+    with pytest.raises(CheckpointDamagedError, match=r"step 12: its meta item .*12/meta is "
+                       r"missing or unreadable .*N one of \[4, 8\]"):
+        sample_lib.sample_from_workdir(str(workdir), str(tmp_path / "s"), num_samples=2)
 
 
 class PoisonedBatches:
