@@ -703,11 +703,12 @@ def test_sample_runs_the_fused_form(tmp_path):
         argv = ["udit", "--src", str(src), "--dst", dst, "--arch", "U-DiT-S",
                 "--input-size", str(INPUT), *flags]
         assert convert_cli.main(argv) == 0
+        out = str(tmp_path / f"{form}_samples")
         summary = sample_lib.sample_from_workdir(
-            dst, dst, num_samples=4, sampling_steps="2", cfg_scale=2.0, batch_size=4,
+            dst, out, num_samples=4, sampling_steps="2", cfg_scale=2.0, batch_size=4,
             progress=False,
         )
         assert summary["fused"]
-        images[form] = np.load(os.path.join(dst, "samples.npz"))["arr_0"]
+        images[form] = np.load(os.path.join(out, "samples.npz"))["arr_0"]
     diff = np.abs(images["training"].astype(int) - images["fused"].astype(int))
     assert images["fused"].std() > 0 and diff.max() <= 1, diff.max()
