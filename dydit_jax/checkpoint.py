@@ -241,18 +241,22 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
         try:
             return step, ckpt.meta(step)
         except CheckpointDamagedError as e:
-            good = [s for s in saved if s != step and _readable_meta(ckpt, s)]
+            good = readable_steps([s for s in saved if s != step], ckpt.meta)
             raise CheckpointDamagedError(f"{e}. {other_steps_hint(good)}", step) from None
     finally:
         ckpt.close()
 
 
-def _readable_meta(ckpt: Checkpointer, step: int) -> bool:
-    try:
-        ckpt.meta(step)
-    except CheckpointDamagedError:
-        return False
-    return True
+def readable_steps(steps: list[int], read) -> list[int]:
+    """The steps for which `read(step)` raises no CheckpointDamagedError."""
+    good = []
+    for step in steps:
+        try:
+            read(step)
+        except CheckpointDamagedError:
+            continue
+        good.append(step)
+    return good
 
 
 def other_steps_hint(good: list[int]) -> str:

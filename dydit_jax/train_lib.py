@@ -452,14 +452,9 @@ def restore_weights(
         try:
             _, restored, _ = ckpt.restore(target, step)
         except ckpt_lib.CheckpointDamagedError as e:
-            good = []
-            for other in ckpt.all_steps():
-                if other != step:
-                    try:
-                        ckpt.restore(target, other)
-                        good.append(other)
-                    except ckpt_lib.CheckpointDamagedError:
-                        pass
+            good = ckpt_lib.readable_steps(
+                [s for s in ckpt.all_steps() if s != step], lambda s: ckpt.restore(target, s)
+            )
             raise ckpt_lib.CheckpointDamagedError(
                 f"{e}. {ckpt_lib.other_steps_hint(good)}", step
             ) from None
