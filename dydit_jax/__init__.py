@@ -1,1 +1,5 @@
 """dydit-jax: DiT, DyDiT and U-DiT in JAX/Flax NNX."""
+
+from dydit_jax import tpu as _tpu
+
+_tpu.quiet_absent_tpu()  # before any JAX backend starts

@@ -5,11 +5,13 @@ Every parameter carries logical axis names (set in the model's layers: `embed`, 
 `heads`, `mlp`, `modulation`, `classes`, `layers`, ...); the config's `sharding_rules` map
 each name to a mesh axis (or None = replicated). FSDP shards `embed` over `fsdp`; tensor
 parallelism shards attention and MLP widths over `tensor`. A dimension that the mesh axis
-does not divide stays replicated, so tiny models run on any mesh.
+does not divide is not split by it (another dimension may take `fsdp`, see
+`logical_to_mesh_spec`), so tiny models run on any mesh.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,6 +90,19 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+def on_mesh(fn, mesh: Mesh):
+    """`fn` traced under `mesh` as the abstract mesh, whatever mesh the caller has set (or
+    none): the activation constraints in the blocks read it, so a program built for a mesh
+    compiles to the same layout from a training loop, a test or a planning tool."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def batch_size_per_step(mesh: Mesh) -> int:
@@ -184,22 +199,60 @@ def rules_dict(rules: Sequence[Sequence[Any]] | Mapping[str, Any] | None) -> dic
     return out
 
 
+# Mesh axes that only store parameters (gathered before use): when the rule's dimension is
+# not divisible, another dimension of the same parameter may take them.
+STORAGE_AXES = ("fsdp",)
+
+
 def logical_to_mesh_spec(
     logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any]
 ) -> PartitionSpec:
-    """Map a logical PartitionSpec to mesh axes; a dim the axis does not divide is replicated,
-    and a mesh axis is used at most once per array."""
+    """Map a logical PartitionSpec to mesh axes; a mesh axis is used at most once per array.
+
+    A dimension that its rule's axis does not divide is left unsharded. If that axis is a
+    storage axis (`fsdp`), the largest other unsharded dimension that it divides takes it
+    instead (a 1152-wide embedding on a 256-way fsdp axis: the 4608-wide MLP dimension), so
+    the parameter is still split; what no dimension can take stays replicated
+    (`replicated_leaves` lists it)."""
+    names = tuple(logical) + (None,) * (len(shape) - len(logical))
     used: set[str] = set()
-    spec = []
-    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical)),
-                         strict=True):
+    spec: list[str | None] = []
+    missed: list[str] = []
+    for dim, name in zip(shape, names, strict=True):
         axis = rules.get(name) if name is not None else None
-        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+        if axis is None or axis in used or mesh.shape[axis] == 1:
             spec.append(None)
+        elif dim % mesh.shape[axis]:
+            spec.append(None)
+            missed.append(axis)
         else:
             spec.append(axis)
             used.add(axis)
+    for axis in missed:
+        if axis not in STORAGE_AXES or axis in used:
+            continue
+        free = [i for i, dim in enumerate(shape)
+                if spec[i] is None and dim % mesh.shape[axis] == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = axis
+            used.add(axis)
     return PartitionSpec(*spec)
+
+
+def replicated_leaves(logical_specs: Any, shapes: Any, mesh: Mesh,
+                      rules: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(parameter path, bytes per chip) of every parameter that stays whole on each chip
+    although the mesh has a storage axis of size > 1, largest first."""
+    if all(mesh.shape[a] == 1 for a in STORAGE_AXES):
+        return []
+    out = []
+    flat = jax.tree_util.tree_leaves_with_path(
+        logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, spec), x in zip(flat, jax.tree.leaves(shapes), strict=True):
+        if all(a is None for a in logical_to_mesh_spec(spec, x.shape, mesh, rules)):
+            nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+            out.append((jax.tree_util.keystr(path), nbytes))
+    return sorted(out, key=lambda item: -item[1])
 
 
 def tree_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: Mapping[str, Any]):

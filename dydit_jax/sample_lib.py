@@ -95,7 +95,7 @@ def make_batch_sampler(
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
     return xla_cpu.jit(
-        sample, model=config, in_shardings=(parts.param_shardings, rep, rows, rows),
+        sample, model=config, mesh=mesh, in_shardings=(parts.param_shardings, rep, rows, rows),
         out_shardings=rows,
     )
 

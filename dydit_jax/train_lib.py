@@ -621,13 +621,14 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
     update-skip threshold); otherwise params, EMA and optimizer state stay as they were (the
     step still advances) and the metrics `nonfinite` / `skipped_large_grad` say so."""
     check_training_mesh(parts.config, mesh)
-    base_key = jax.random.key(config.seed)
+    seed = int(config.seed)
     ema_decay = config.ema_decay
     skip_norm = float(config.get("grad_skip_norm", 0.0))
     loss_fn = make_loss_fn(parts, config)
 
     def step_fn(state: TrainState, batch: dict):
-        key, input_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        # the key is made in the program: building the step touches no device
+        key, input_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step))
         x0 = model_inputs(batch, input_key)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(
             state.params, x0, batch["label"], key, state.step
@@ -656,6 +657,7 @@ def make_train_step(parts: ModelParts, tx, config: ml_collections.ConfigDict, me
     return xla_cpu.jit(
         step_fn,
         model=parts.config,
+        mesh=mesh,
         in_shardings=(shardings, rows),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
@@ -709,6 +711,22 @@ def check_training_mesh(model_config: models.DiTConfig, mesh) -> None:
             f"{mesh.shape['tensor']}: XLA's partitioner gets the depthwise kernels' gradients "
             "wrong there (docs/xla/grouped_conv_kernel_grad.py). Use "
             "--config.model_overrides.depthwise=shifted, or a mesh_shape with tensor = 1"
+        )
+
+
+def log_replicated(model_config: models.DiTConfig, mesh, rules) -> None:
+    """Say which parameters no mesh axis splits although the mesh has an fsdp axis: each is
+    whole on every chip, four times over (weights, EMA, AdamW's two moments)."""
+    _, shapes, logical = abstract_model(model_config)
+    whole = parallel.replicated_leaves(logical, shapes, mesh, parallel.rules_dict(rules))
+    total = sum(b for _, b in whole)
+    if total > 2**20:
+        logging.warning(
+            "%d parameter arrays (%.1f MiB per chip, x4 with EMA and AdamW state) are whole "
+            "on every chip: no dimension is divisible by fsdp=%d; largest: %s. A mesh_shape "
+            "whose fsdp size divides the model width shards them (python -m dydit_jax.plan "
+            "--search proposes one).", len(whole), total / 2**20, mesh.shape["fsdp"],
+            ", ".join(f"{p} ({b / 2**20:.1f} MiB)" for p, b in whole[:3]),
         )
 
 
@@ -779,6 +797,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
         "model %s: %s trainable parameters", config.model,
         f"{sum(x.size for x in jax.tree.leaves(parts.param_shapes)):,}",
     )
+    log_replicated(model_config, mesh, config.sharding_rules)
     if resume:
         step, items = _restore_newest(ckpt, restore_targets(parts, tx, mesh), model_config,
                                       workdir)

@@ -22,6 +22,7 @@ import os
 import jax
 import numpy as np
 
+from dydit_jax import parallel
 from dydit_jax.models import UDiTConfig
 
 OPT_OUT = "DYDIT_XLA_CPU_DEFAULTS"
@@ -40,8 +41,14 @@ def compiler_options() -> dict | None:
     return dict(OPTIONS)
 
 
-def jit(fn, *, model, **kwargs):
+def jit(fn, *, model, mesh=None, **kwargs):
     """`jax.jit(fn, **kwargs)` with `compiler_options()` for a program of `model` (its
-    config; U-DiT's keep XLA's defaults, see above)."""
+    config; U-DiT's keep XLA's defaults, see above). With `mesh`, `fn` is traced under it
+    (`parallel.on_mesh`) and the CPU options apply only when the mesh's devices are CPUs
+    (a program built here for a TPU topology gets XLA's defaults)."""
     options = None if isinstance(model, UDiTConfig) else compiler_options()
+    if mesh is not None:
+        fn = parallel.on_mesh(fn, mesh)
+        if mesh.devices.flat[0].platform != "cpu":
+            options = None
     return jax.jit(fn, compiler_options=options, **kwargs)

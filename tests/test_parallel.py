@@ -75,11 +75,25 @@ def test_parameters_are_sharded_by_the_rules():
     assert shard.shape == (64 // 2, 3 * 64 // 2)
 
 
-def test_indivisible_dimensions_stay_replicated():
+def test_an_indivisible_dimension_hands_fsdp_to_another_and_the_rest_is_listed():
     mesh = parallel.make_mesh((1, 8, 1))
     rules = parallel.rules_dict(None)
+    # 12 is not divisible by fsdp=8: the 16-wide dimension takes it (tensor has size 1)
     spec = parallel.logical_to_mesh_spec(P("embed", "mlp"), (12, 16), mesh, rules)
-    assert spec == P(None, None)  # 12 is not divisible by fsdp=8; tensor has size 1
+    assert spec == P(None, "fsdp")
+    # no dimension divisible: whole on every chip, and listed with its bytes
+    assert parallel.logical_to_mesh_spec(P("embed", "mlp"), (12, 6), mesh, rules) == P(None, None)
+    # tensor is a compute axis: never moved to another dimension
+    mesh = parallel.make_mesh((1, 1, 8))
+    assert parallel.logical_to_mesh_spec(P("embed", "mlp"), (16, 12), mesh, rules) == P(None, None)
+    mesh = parallel.make_mesh((1, 8, 1))
+    logical = {"a": P("embed", "mlp"), "b": P("embed", None), "c": P("embed")}
+    shapes = {"a": jax.ShapeDtypeStruct((12, 6), np.float32),
+              "b": jax.ShapeDtypeStruct((12, 16), np.float32),
+              "c": jax.ShapeDtypeStruct((20,), np.float32)}
+    whole = parallel.replicated_leaves(logical, shapes, mesh, rules)
+    assert whole == [("['a']", 288), ("['c']", 80)]
+    assert parallel.replicated_leaves(logical, shapes, parallel.make_mesh((8, 1, 1)), rules) == []
 
 
 @pytest.mark.parametrize("save_mesh,restore_devices,restore_mesh", [

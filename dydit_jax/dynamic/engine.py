@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import flops, parallel, sample_lib, xla_cpu
+from dydit_jax import flops, models, parallel, sample_lib, xla_cpu
 from dydit_jax.dynamic import plan as plan_lib
 from dydit_jax.dynamic.plan import WidthPlan, width_plan
 from dydit_jax.models.dydit import DyDiTConfig
@@ -130,6 +130,9 @@ class DyDiTEngine:
         config = parts.config
         if not isinstance(config, DyDiTConfig):
             raise ValueError(f"the DyDiT engine needs a DyDiT model, got {type(config).__name__}")
+        graphdef = parts.graphdef
+        if config.scan_blocks:  # the engine runs (and slices) one layer at a time
+            config, params, graphdef = models.unstack_blocks(config, params)
         self.guided_channels = sample_lib.check_sampler(sampler, guided_channels)
         if capacity_multiple < 1:
             raise ValueError(f"capacity multiple must be >= 1, got {capacity_multiple}")
@@ -140,7 +143,7 @@ class DyDiTEngine:
         self.layers_per_call = min(layers_per_call, config.depth)  # more: the whole step
         self.mlp_shape_budget = mlp_shape_budget
         self.config, self.params = config, params
-        self.graphdef, self.buffers = parts.graphdef, parts.buffers
+        self.graphdef, self.buffers = graphdef, parts.buffers
         self.sampler, self.eta, self.cfg_scale = sampler, eta, cfg_scale
         self.guided = cfg_scale != 1.0
         self.width_multiple, self.capacity_multiple = width_multiple, capacity_multiple
@@ -148,9 +151,10 @@ class DyDiTEngine:
         steps = self.diffusion.num_timesteps
         self.step_indices = np.arange(steps - 1, -1, -1)  # the order the sampler visits them
         self.plan: WidthPlan = width_plan(
-            parts.graphdef, params, parts.buffers, config,
+            graphdef, params, parts.buffers, config,
             self.diffusion.timestep_map[self.step_indices],
         )
+        self.mesh = mesh
         self._rows = parallel.batch_sharding(mesh)
         self._rep = parallel.replicated(mesh)
         # XLA:CPU with several (fake) devices deadlocks when too many small programs are
@@ -254,7 +258,7 @@ class DyDiTEngine:
 
         # Fixed output shardings: every call's inputs match what its executable was built for.
         rows = self._rows
-        jit = functools.partial(xla_cpu.jit, model=cfg)
+        jit = functools.partial(xla_cpu.jit, model=cfg, mesh=self.mesh)
         self._initial = jit(initial, out_shardings=(rows, rows))
         self._embed = jit(embed, out_shardings=(rows, rows))
         self._attention = jit(attention, out_shardings=(rows, rows))
@@ -461,6 +465,52 @@ class DyDiTEngine:
         program = {"initial": initial, "embed": embed, "finish": finish, "steps": steps}
         self._programs[program_key] = program
         return program
+
+    def lowered_programs(self, mesh, param_shardings, batch: int) -> list[tuple[str, Any]]:
+        """Every distinct program the schedule runs for `batch` images per call (one block
+        per call), lowered for `mesh` from shapes alone: the planner compiles them for a TPU
+        topology (`python -m dydit_jax.plan --what=engine`). `param_shardings`: the model's
+        (per-layer) parameter shardings on `mesh`. The engine's functions are rebuilt for
+        `mesh`, so afterwards it serves planning only."""
+        self.mesh = mesh
+        self._rows, self._rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+        self._build_functions()
+        rows, rep = self._rows, self._rep
+
+        def on(x, sharding):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        def on_rows(tree):
+            return jax.tree.map(lambda x: on(x, rows), tree)
+
+        params = jax.tree.map(on, self.params, param_shardings)
+        block = params["blocks"][0]
+        key = on(jax.eval_shape(lambda: jax.random.key(0)), rep)
+        indices = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        x, keys = on_rows(jax.eval_shape(self._initial, key, indices, indices))
+        tokens, c = on_rows(jax.eval_shape(self._embed, params, x, scalar, indices))
+
+        def kept(count):  # index and validity arrays of `count` heads (groups)
+            return (jax.ShapeDtypeStruct((count,), jnp.int32, sharding=rep),
+                    jax.ShapeDtypeStruct((count,), jnp.float32, sharding=rep))
+
+        heads_run, groups_run = self.width_counts
+        n = self.config.num_tokens
+        out = [("initial", self._initial.lower(key, indices, indices)),
+               ("embed", self._embed.lower(params, x, scalar, indices))]
+        mods = None
+        for count in sorted(set(heads_run.ravel().tolist())):
+            args = (block, *kept(count), tokens, c)
+            out.append((f"attention:heads={count}", self._attention.lower(*args)))
+            mods = mods or on_rows(jax.eval_shape(self._attention, *args)[1])
+        shapes = {(int(g), min(int(cap), n))
+                  for g, cap in zip(groups_run.ravel(), self.capacity_run.ravel(), strict=True)}
+        for groups, capacity in sorted(shapes):
+            out.append((f"token_mlp:groups={groups},capacity={capacity}",
+                        self._token_mlp.lower(block, *kept(groups), tokens, mods, capacity)))
+        out.append(("finish", self._finish.lower(params, tokens, c, x, scalar, keys)))
+        return out
 
     def __call__(self, key, indices, labels) -> jax.Array:
         if self.calibration is not None:

@@ -111,3 +111,25 @@ __all__ = [
     "DiT", "DiTConfig", "DyDiT", "DyDiTConfig", "UDiT", "UDiTConfig", "create_model",
     "fuse_model_params", "model_class", "model_config", "model_names",
 ]
+
+
+def unstack_blocks(config, params):
+    """(config, params, graphdef) of the same model with its scan-stacked blocks
+    (`scan_blocks=True`) as one module per layer, for code that runs the layers one at a
+    time (the DyDiT engine); a model without stacked blocks comes back as it is."""
+    if not getattr(config, "scan_blocks", False):
+        return config, params, None
+    import jax
+
+    flat = dataclasses.replace(config, scan_blocks=False)
+    structure = {}
+
+    def split():
+        structure["graphdef"], p, _ = nnx.split(
+            model_class(flat)(flat, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        return p
+
+    jax.eval_shape(split)
+    stacked = params["blocks"]
+    blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(config.depth)}
+    return flat, {**params, "blocks": blocks}, structure["graphdef"]

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dydit_jax.models import layers
+from dydit_jax import parallel
+from dydit_jax.models import dit, layers
 from dydit_jax.models.dit import DiT, DiTBlock, DiTConfig
 
 ROUTER_LAYOUTS = ("first_on", "all")
@@ -42,11 +43,6 @@ class DyDiTConfig(DiTConfig):
         if self.mlp_hidden % self.num_heads:
             raise ValueError(
                 f"MLP width {self.mlp_hidden} is not divisible into {self.num_heads} groups"
-            )
-        if self.scan_blocks or self.remat != "none":
-            raise ValueError(
-                "DyDiT runs its own block loop without scan or remat; set scan_blocks=False "
-                "and remat='none'"
             )
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
@@ -170,33 +166,52 @@ class DyDiT(DiT):
 
     def __call__(self, x, t, y, *, key=None, complete=False, return_masks=False):
         tokens, t_emb, c = self.embed_all(x, t, y)
+        if complete:
+            out = self.head(self.run_blocks(tokens, c), c)
+            if not return_masks:
+                return out
+            cfg = self.config
+            ones = jnp.ones((x.shape[0], cfg.depth, cfg.num_heads), jnp.float32)
+            tokens_on = jnp.ones((x.shape[0], cfg.depth, cfg.num_tokens), jnp.float32)
+            return out, {"heads": ones, "groups": ones, "tokens": tokens_on}
+        tokens, (heads, groups, token_masks) = self.run_routed_blocks(tokens, t_emb, c, key)
+        out = self.head(tokens, c)
+        if not return_masks:
+            return out
+        return out, {"heads": heads, "groups": groups, "tokens": token_masks}
+
+    def run_routed_blocks(self, tokens, t_emb, c, key):
+        """The blocks with their routers: (tokens, (head, group, token masks)), each mask
+        (B, L, ...). Layer i draws its gumbel noise from fold_in(key, i), so the loop and
+        the scan (scan_blocks) give the same masks; remat as in DiT.run_blocks."""
         tau = self.config.tau
-        heads, groups, token_masks = [], [], []
-        for i, block in enumerate(self.blocks):
-            if complete:
-                tokens = block(tokens, c)
-                continue
+
+        def layer(graphdef, block_state, h, i):
+            block = nnx.merge(graphdef, block_state)
             keys = [None] * 3
             if key is not None:
                 keys = list(jax.random.split(jax.random.fold_in(key, i), 3))
             head_logits, group_logits = block.width_logits(t_emb)
             head_mask = block.full_width(gumbel_sigmoid(head_logits, keys[0], tau))
             group_mask = block.full_width(gumbel_sigmoid(group_logits, keys[1], tau))
-            router = lambda h, b=block, k=keys[2]: gumbel_sigmoid(b.token_logits(h), k, tau)
-            tokens, token_mask = block.forward(tokens, c, head_mask, group_mask, router)
-            heads.append(head_mask)
-            groups.append(group_mask)
-            token_masks.append(token_mask)
-        out = self.head(tokens, c)
-        if not return_masks:
-            return out
-        if complete:
-            cfg = self.config
-            ones = jnp.ones((x.shape[0], cfg.depth, cfg.num_heads), jnp.float32)
-            tokens_on = jnp.ones((x.shape[0], cfg.depth, cfg.num_tokens), jnp.float32)
-            return out, {"heads": ones, "groups": ones, "tokens": tokens_on}
-        return out, {
-            "heads": jnp.stack(heads, axis=1),
-            "groups": jnp.stack(groups, axis=1),
-            "tokens": jnp.stack(token_masks, axis=1),
-        }
+            router = lambda z: gumbel_sigmoid(block.token_logits(z), keys[2], tau)
+            h, token_mask = block.forward(h, c, head_mask, group_mask, router)
+            return parallel.batch_constrained(h), (head_mask, group_mask, token_mask)
+
+        if self.config.remat != "none":
+            layer = jax.checkpoint(
+                layer, policy=dit.REMAT_POLICIES[self.config.remat], static_argnums=(0,)
+            )
+        if self.config.scan_blocks:
+            graphdef, stacked = nnx.split(self.blocks)
+            body = lambda h, xs: layer(graphdef, xs[0], h, xs[1])
+            tokens, masks = jax.lax.scan(
+                body, tokens, (stacked, jnp.arange(self.config.depth))
+            )
+            return tokens, tuple(jnp.moveaxis(m, 0, 1) for m in masks)
+        per_layer = []
+        for i, block in enumerate(self.blocks):
+            graphdef, block_state = nnx.split(block)
+            tokens, masks = layer(graphdef, block_state, tokens, i)
+            per_layer.append(masks)
+        return tokens, tuple(jnp.stack(m, axis=1) for m in zip(*per_layer, strict=True))
