@@ -4,7 +4,14 @@ r"""Memory per device of a training run: a plan for a config on a mesh, without 
       [--config.global_batch_size=512 --config.model_overrides.remat=full]
 
 `--mesh` is (data, fsdp, tensor) with at most one -1 (the remaining devices); without it the
-config's `mesh_shape` is used. `--devices` is the planned device count (default: the product
+config's `mesh_shape` is used.
+
+Where libtpu is installed (`pip install -e '.[tpu]'`), the answer is the compiler's: the
+train step that `train.py` runs, compiled for a TPU slice with that many devices
+(`--topology=v5e-64` to choose it; a v5p slice by default), per-device arguments,
+temporaries and code from XLA's buffer assignment. The fitted formula below is the fallback
+(no libtpu, `--formula`, or a device count no slice has), and the output says which
+answered. `--devices` is the planned device count (default: the product
 of the mesh; required when the mesh has a -1). Nothing runs on an accelerator: the tool uses
 JAX's CPU backend for shapes only, so it is safe next to a running job.
 
@@ -52,7 +59,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from dydit_jax import parallel, train_lib
+from dydit_jax import parallel, tpu, train_lib
 
 GIB = 1024**3
 
@@ -155,6 +162,48 @@ def memory_plan(
     return plan
 
 
+def compiled_bytes(config: ml_collections.ConfigDict, mesh_shape: Sequence[int],
+                   num_devices: int, topology: str | None = None) -> dict:
+    """The train step's bytes per device as XLA's TPU compiler lays it out (libtpu, no TPU
+    needed): on `topology`, or a v5p slice of `num_devices` chips (its 95 GiB let big
+    programs compile; per-device bytes depend little on the chip generation). Raises
+    RuntimeError without libtpu, ValueError for a device count that no slice has."""
+    from dydit_jax import plan as plan_lib  # the planner builds the programs train.py runs
+
+    if topology is None:
+        grid = tpu.chip_grid(num_devices, 3)
+        topo = tpu.Topology(f"v5p:{'x'.join(map(str, grid))}", tpu.CHIPS["v5p"], grid)
+    else:
+        topo = tpu.parse_topology(topology)
+    devices = tpu.devices(topo)
+    if len(devices) != num_devices:
+        raise ValueError(f"topology {topo.name} has {len(devices)} devices, the plan "
+                         f"{num_devices}")
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.mesh_shape = tuple(mesh_shape)
+    model_config = train_lib.validate_config(trial, training=False)
+    mesh = parallel.make_mesh(mesh_shape, devices=devices)
+    entry = plan_lib.compile_program(
+        "train_step", plan_lib.train_program(trial, model_config, mesh), topo.chip.hbm_bytes)
+    entry["topology"] = topo.libtpu_name
+    return entry
+
+
+def format_compiled(entry: dict) -> str:
+    if entry.get("temp_bytes_per_chip") is None:
+        return (f"compiled for {entry['topology']}: does not fit its HBM; the compiler asked "
+                f"for {(entry['bytes_per_chip'] or 0) / GIB:.3f} GiB")
+    rows = [("arguments (params, EMA, AdamW state, batch)", entry["argument_bytes_per_chip"]),
+            ("outputs (the new state, aliased)", entry["output_bytes_per_chip"]
+             - entry["alias_bytes_per_chip"]),
+            ("temporaries (activations, gradients, ...)", entry["temp_bytes_per_chip"]),
+            ("generated code", entry["code_bytes_per_chip"])]
+    lines = [f"compiled by XLA for TPU ({entry['topology']}, libtpu): per device"]
+    lines += [f"  {name:<44}{b / GIB:>10.3f} GiB" for name, b in rows]
+    lines.append(f"  {'total':<44}{entry['bytes_per_chip'] / GIB:>10.3f} GiB")
+    return "\n".join(lines)
+
+
 def format_plan(plan: dict) -> str:
     mc = plan["model_config"]
     mesh = plan["mesh"]
@@ -211,9 +260,26 @@ def main(argv) -> None:
                     "the run will have with --devices=N"
                 )
             devices = math.prod(mesh)
-        print(format_plan(memory_plan(flags_.config, mesh, devices)))
-    except ValueError as e:
+        estimate = memory_plan(flags_.config, mesh, devices)
+        compiled, why = None, "--formula given"
+        if not flags_.formula:
+            try:
+                compiled = compiled_bytes(flags_.config, mesh, devices, flags_.topology)
+            except RuntimeError:
+                why = "libtpu is not installed (pip install -e '.[tpu]')"
+            except ValueError as e:
+                if flags_.topology:
+                    raise
+                why = f"no TPU slice to compile for ({e})"
+    except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    print(format_plan(estimate))
+    print()
+    if compiled is not None:
+        print(format_compiled(compiled))
+        print("answered by: the compiler (the estimate above is the fallback formula)")
+    else:
+        print(f"answered by: the fitted formula above ({why})")
 
 
 if __name__ == "__main__":
@@ -223,5 +289,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
     flags.DEFINE_list("mesh", None, "data,fsdp,tensor (one -1 allowed); default: config's")
     flags.DEFINE_integer("devices", None, "planned device count (default: the mesh product)")
+    flags.DEFINE_string("topology", None, "compile for this TPU topology (default: a v5p "
+                        "slice with the planned device count)")
+    flags.DEFINE_bool("formula", False, "only the fitted formula, no compile")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 10_000
     c.keep_checkpoints = 3
     c.sample_every_steps = 50_000  # EMA sample grids (and DyDiT's eval FLOPs ratio); 0: none
+    # (first, last): a jax.profiler trace of steps first..last-1 in WORKDIR/profile (TensorBoard
+    # profile plugin or Perfetto); () = none
+    c.profile_steps = ()
     return c
 
 
@@ -202,6 +205,12 @@ def validate_config(
                 f"--config.mesh_shape='(-1,1,1)' (data parallel over all "
                 f"{jax.device_count()} devices)"
             ) from None
+    profile = tuple(config.get("profile_steps", ()))
+    if profile and (len(profile) != 2 or not 0 <= int(profile[0]) < int(profile[1])):
+        raise ValueError(
+            f"config.profile_steps must be () or (first, last) with 0 <= first < last, e.g. "
+            f"--config.profile_steps='(10,15)'; got {profile}"
+        )
     if config.sample.sampler not in sample_lib.SAMPLERS:
         raise ValueError(
             f"config.sample.sampler {config.sample.sampler!r} is not one of {sample_lib.SAMPLERS}"
@@ -822,6 +831,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
     preemption, stopped_at = PreemptionWatcher(), None
+    profiler = StepProfiler(config.get("profile_steps", ()), workdir)
     watch = NonFiniteWatch(
         config.get("nonfinite", "stop"), ckpt, float(config.get("grad_skip_norm", 0.0))
     )
@@ -839,7 +849,9 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
                               force=True)
                 break
             batch = parallel.global_batch(batches[step], mesh)
+            profiler.before(step)
             state, metrics = train_step(state, batch)
+            profiler.after(step, state)
             pending.append(metrics)
             if len(pending) > MAX_STEPS_IN_FLIGHT:
                 # Bound dispatch-ahead: the host may run at most a few steps ahead.
@@ -870,6 +882,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
                     writer.write_scalars(done, {"eval_flops_ratio": ratio})
                 t_last = time.perf_counter()  # do not count sampling in steps/s
     finally:
+        profiler.close()
         preemption.close()
         ckpt.close()  # waits for the async saves; their errors surface here
         writer.flush()
@@ -877,6 +890,36 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> TrainState:
     if stopped_at is not None and preemption.signum == signal.SIGINT:
         raise TrainingInterrupted(stopped_at, ckpt.directory)
     return state
+
+
+class StepProfiler:
+    """A jax.profiler trace of the train steps first..last-1 (`config.profile_steps`) in
+    WORKDIR/profile, the layout TensorBoard's profile plugin reads (Perfetto opens the
+    .trace.json.gz beside it). Steps are dispatched ahead, so the trace waits for the last
+    profiled step before it stops."""
+
+    def __init__(self, steps, workdir: str):
+        self.first, self.last = (tuple(int(s) for s in steps) or (-1, -1))
+        self.directory = os.path.join(workdir, "profile")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if not self.active and self.first <= step < self.last:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+            self.started = step
+
+    def after(self, step: int, state) -> None:
+        if self.active and step + 1 >= self.last:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("profile of steps %d..%d written to %s (tensorboard --logdir %s)",
+                         self.started, self.last - 1, self.directory, self.directory)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -150,12 +150,23 @@ def run_cli(*args):
 
 
 def test_memory_cli_prints_a_table():
-    out = run_cli("--config=configs/dit.py:S/2", "--mesh=2,4,1", "--devices=8")
+    out = run_cli("--config=configs/dit.py:S/2", "--mesh=2,4,1", "--devices=8", "--formula")
     assert out.returncode == 0, out.stderr
     assert "DiT-S/2" in out.stdout and "data=2 fsdp=4 tensor=1" in out.stdout
     assert "total (estimate)" in out.stdout and "estimate" in out.stdout
+    assert "answered by: the fitted formula" in out.stdout
     bad = run_cli("--config=configs/dit.py:S/2", "--mesh=2,2,1", "--devices=8")
     assert bad.returncode != 0 and "mesh_shape" in bad.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the tpu extra")
+def test_memory_cli_answers_with_the_compiler_where_libtpu_is_installed():
+    out = run_cli("--config=configs/digits.py:tiny", "--mesh=1,4,1")
+    assert out.returncode == 0, out.stderr
+    assert "compiled by XLA for TPU (v5p:2x2x1" in out.stdout
+    assert "answered by: the compiler" in out.stdout
+    total = [line for line in out.stdout.splitlines() if line.strip().startswith("total ")]
+    assert total and float(total[-1].split()[-2]) > 0
 
 
 @pytest.mark.parametrize("config_file,overrides", [

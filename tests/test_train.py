@@ -100,6 +100,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         ({"ema_decay": 1.5}, "ema_decay"),
         ({"dataset": "cifar"}, "unknown dataset"),
         ({"init_from": "/nonexistent/dit_run"}, "holds no checkpoints"),
+        ({"profile_steps": (5, 5)}, "profile_steps"),
     ],
 )
 def test_bad_config_fails_before_writing(tmp_path, overrides, message):
@@ -107,6 +108,15 @@ def test_bad_config_fails_before_writing(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train_lib.train_and_evaluate(tiny_config(**overrides), str(workdir))
     assert not workdir.exists()
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
+    workdir = tmp_path / "run"
+    train_lib.train_and_evaluate(
+        tiny_config(num_steps=4, profile_steps=(1, 3), sample_every_steps=0), str(workdir))
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert list((workdir / "profile").rglob("*.trace.json.gz"))  # for Perfetto
 
 
 def test_train_cli_reports_bad_input_without_traceback(tmp_path):
