@@ -47,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown DyDiT variant {arg!r}; use digits[,LAMBDA] or {grid}")
     config = dit_config(name)
     config.model = f"DyDiT-{name}"
-    config.model_overrides.update(dtype="float32", scan_blocks=False)  # the paper's fp32; loop
+    # the paper's float32; scan over blocks as configs/dit.py (a DiT trained in either layout
+    # initialises it: init_from restacks the blocks)
+    config.model_overrides.update(dtype="float32", scan_blocks=True)
     config.dydit.lambda_target = lam
     config.num_steps = ITERATIONS[size]
     config.grad_clip_norm = 0.0  # the release never scales a gradient

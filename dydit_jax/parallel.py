@@ -127,33 +127,50 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     )
 
 
-def batch_constrained(x: jax.Array) -> jax.Array:
-    """Pin an activation to the batch sharding (rows over ('data', 'fsdp'), the rest
-    replicated) when the current mesh has those axes and they divide the batch; a no-op
-    otherwise (no mesh, or one device). The blocks' inputs and outputs and their branches'
-    outputs carry it: the Megatron layout (activations replicated over 'tensor' after the
-    row-parallel projections), so the partitioner never has to guess a layout for them."""
-    return _pin_to_batch(x)
+# Activation logical axis -> mesh axes (None: replicated). One mechanism for every model's
+# blocks: the rows over ('data', 'fsdp'), the rest replicated over 'tensor' (the Megatron
+# layout after the row-parallel projections). `qkv` and `modulation` name projection outputs
+# that are split into chunks: gathered first, see `constrain`.
+ACTIVATION_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "length": None,  # tokens
+    "groups": None,  # U-DiT's four 2x2-downsampled token groups
+    "height": None,
+    "width": None,
+    "embed": None,
+    "qkv": None,
+    "modulation": None,
+}
+TOKENS = ("batch", "length", "embed")  # (B, N, D) block inputs, outputs and branches
+IMAGE = ("batch", "height", "width", "embed")  # (B, H, W, C): U-DiT's token grids
 
 
-def _pin_to_batch(x: jax.Array) -> jax.Array:
+def constrain(x: jax.Array, names: Sequence[str]) -> jax.Array:
+    """Pin an activation to the layout its logical axis names give (`ACTIVATION_RULES`)
+    under the current (abstract) mesh; a no-op without a mesh, on one device, or when the
+    mesh does not divide the batch dimension.
+
+    Blocks pin their inputs, outputs and branch outputs, so the partitioner never guesses a
+    layout for them. Projection outputs that are sliced or split into chunks (`qkv`,
+    `modulation`) are pinned before the split: their last dim is sharded over 'tensor' by the
+    parameter rules, and left to the partitioner, slicing a sharded dim of a matmul whose
+    contraction dim is sharded over an axis that also shards the batch gives wrong gradients
+    (XLA's SPMD partitioner, jaxlib 0.10.2; reproduced without our code in docs/xla/)."""
+    unknown = [n for n in names if n not in ACTIVATION_RULES]
+    if unknown or len(names) != x.ndim:
+        raise ValueError(f"activation axes {tuple(names)} for shape {x.shape}: names must be "
+                         f"{x.ndim} of {tuple(ACTIVATION_RULES)}")
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
-    ways = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
-    if ways == 1 and mesh.size == 1 or x.shape[0] % ways:
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
-
-
-def split_constrained(x: jax.Array) -> jax.Array:
-    """Pin a projection's output to the batch sharding before it is sliced or split into
-    chunks (qkv, adaLN modulation): its last dim is sharded over 'tensor' by the parameter
-    rules, and left to the partitioner, slicing a sharded dim of a matmul whose contraction
-    dim is sharded over an axis that also shards the batch gives wrong gradients (XLA's SPMD
-    partitioner, jaxlib 0.10.2; reproduced without our code in docs/xla/). Gathering that dim
-    first makes every slice local."""
-    return _pin_to_batch(x)
+    spec = []
+    for dim, name in zip(x.shape, names, strict=True):
+        axes = ACTIVATION_RULES[name] or ()
+        ways = int(np.prod([mesh.shape[a] for a in axes]))
+        if dim % ways:
+            return x  # an indivisible batch: leave the layout to XLA
+        spec.append(axes or None)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def global_batch_from_full(full: dict, mesh: Mesh) -> dict:

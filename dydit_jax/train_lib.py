@@ -476,6 +476,7 @@ def initial_weights(parts: ModelParts, workdir: str, mesh) -> Any:
     """parts.params with every parameter that the run in `workdir` has (same name) replaced by
     its EMA value: a DiT initialises the backbone of a DyDiT; the routers keep their init."""
     _, _, _, source = restore_weights(workdir, mesh)
+    source = blocks_like(source, parts.params, parts.config.depth)
     loaded = dict(jax.tree_util.tree_leaves_with_path(source))
     used = set()
 
@@ -490,12 +491,33 @@ def initial_weights(parts: ModelParts, workdir: str, mesh) -> Any:
         used.add(path)
         return loaded[path]
 
-    params = jax.tree_util.tree_map_with_path(take, parts.params)
+    params = jax.device_put(jax.tree_util.tree_map_with_path(take, parts.params),
+                            parts.param_shardings)
     unused = [jax.tree_util.keystr(p) for p in loaded if p not in used]
     if unused:
         raise ValueError(f"init_from {workdir}: parameters not in this model: {unused[:5]}")
     logging.info("initialised %d parameter arrays from %s", len(used), workdir)
     return params
+
+
+def blocks_like(source: Any, target: Any, depth: int) -> Any:
+    """`source` weights with their blocks in `target`'s layout: stacked (`scan_blocks`, one
+    module whose leaves have a leading layer axis) or one module per layer; a run trained
+    either way initialises the other."""
+    blocks, want = source.get("blocks"), target.get("blocks")
+    if blocks is None or want is None:
+        return source
+    stacked, want_stacked = 0 not in blocks, 0 not in want
+    layers = (jax.tree.leaves(blocks)[0].shape[0] if stacked else len(blocks))
+    if layers != depth:
+        return source  # another depth: the per-parameter checks name what differs
+    if stacked and not want_stacked:
+        blocks = {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(depth)}
+    elif want_stacked and not stacked:
+        blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(depth)])
+    else:
+        return source
+    return {**source, "blocks": blocks}
 
 
 def restore_targets(parts: ModelParts, tx: optax.GradientTransformation, mesh) -> dict:

@@ -96,6 +96,23 @@ def test_an_indivisible_dimension_hands_fsdp_to_another_and_the_rest_is_listed()
     assert parallel.replicated_leaves(logical, shapes, parallel.make_mesh((8, 1, 1)), rules) == []
 
 
+def test_activations_are_constrained_by_their_logical_axis_names():
+    mesh = parallel.make_mesh((2, 2, 2))
+
+    def fn(x, y):
+        return parallel.constrain(x, parallel.TOKENS), parallel.constrain(y, ("batch", "qkv"))
+
+    x, y = jnp.zeros((8, 4, 6)), jnp.zeros((6, 12))  # 6 rows: not divisible by data x fsdp
+    with jax.set_mesh(mesh):
+        text = jax.jit(fn).lower(x, y).as_text()
+    constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert len(constraints) == 1  # y is left to XLA
+    assert '[{"data", "fsdp"}, {}, {}]' in constraints[0] and "8x4x6" in constraints[0]
+    assert parallel.constrain(x, parallel.TOKENS) is x  # no mesh: a no-op
+    with pytest.raises(ValueError, match="names must be"):
+        parallel.constrain(x, ("batch", "tokens", "embed"))
+
+
 @pytest.mark.parametrize("save_mesh,restore_devices,restore_mesh", [
     ((1, 8, 1), 1, (1, 1, 1)),
     ((1, 1, 1), 8, (2, 2, 2)),
@@ -173,7 +190,7 @@ def test_performance_switches_keep_the_loss_curve(overrides, tolerance, float32_
 def test_few_tokens_per_sample_on_a_3d_mesh():
     # DiT-S/4 at 8x8 (4 tokens per sample) on data x fsdp x tensor = 2 x 2 x 2: XLA's SPMD
     # partitioner (jax 0.10.2) got this forward 11% wrong while the adaLN and qkv outputs
-    # were split unpinned (parallel.split_constrained; docs/xla/slice_of_sharded_matmul.py)
+    # were split unpinned (parallel.constrain, "qkv"; docs/xla/slice_of_sharded_matmul.py)
     from flax import nnx
 
     from dydit_jax import models

@@ -110,6 +110,26 @@ def test_bad_config_fails_before_writing(tmp_path, overrides, message):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("dit_scan", [False, True])
+def test_init_from_restacks_blocks_between_scanned_and_per_layer_runs(tmp_path, dit_scan):
+    dit_dir = str(tmp_path / "dit")
+    train_lib.train_and_evaluate(
+        tiny_config(num_steps=1, sample_every_steps=0,
+                    **{"model_overrides.scan_blocks": dit_scan}), dit_dir)
+    config = tiny_config(model="DyDiT-S/2", **{"model_overrides.scan_blocks": not dit_scan})
+    model_config = train_lib.validate_config(config)
+    mesh = parallel.make_mesh(config.mesh_shape)
+    parts = train_lib.build_model(model_config, mesh)
+    params = train_lib.initial_weights(parts, dit_dir, mesh)
+    _, _, _, source = train_lib.restore_weights(dit_dir, mesh)
+    fc1 = lambda p, i: (p["blocks"]["mlp"]["fc1"]["kernel"][i] if 0 not in p["blocks"]
+                        else p["blocks"][i]["mlp"]["fc1"]["kernel"])
+    for i in range(model_config.depth):
+        np.testing.assert_array_equal(np.asarray(fc1(params, i)), np.asarray(fc1(source, i)))
+    router = params["blocks"]["attn_rate"] if not dit_scan else params["blocks"][0]["attn_rate"]
+    assert router["bias"].shape[-1] == model_config.num_router_logits  # kept its init
+
+
 def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
     workdir = tmp_path / "run"
     train_lib.train_and_evaluate(

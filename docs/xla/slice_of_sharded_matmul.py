@@ -10,7 +10,7 @@ Seen with jax/jaxlib 0.10.2 on XLA:CPU (8 host devices), with the Shardy and wit
 propagation alike: relative error of dx 0.546 on mesh (2, 2, 2); 0 on (4, 2, 1), (1, 4, 2),
 1e-7 on (2, 1, 4) and (1, 2, 4). Pinning the matmul output to the batch sharding before the
 slice (with_sharding_constraint(y, P(('data', 'fsdp')))) gives the right gradient: that is
-what the models do (dydit_jax/parallel.py: split_constrained).
+what the models do (dydit_jax/parallel.py: constrain, the "qkv" and "modulation" axes).
 """
 
 import os

@@ -121,14 +121,14 @@ class DiTBlock(nnx.Module):
         """x + gate_msa * Attn(modulate(LN(x))); `mods` = the six adaLN chunks of c."""
         shift, scale, gate = mods[:3]
         h = self.attn(layers.modulate(layers.layer_norm(x), shift, scale), head_mask)
-        return x + gate[:, None, :] * parallel.batch_constrained(h)
+        return x + gate[:, None, :] * parallel.constrain(h, parallel.TOKENS)
 
     def mlp_branch(
         self, x: jax.Array, mods: list[jax.Array], group_mask: jax.Array | None = None
     ) -> jax.Array:
         """MLP(modulate(LN(x))) before its gate; x may hold any subset of the tokens."""
         h = self.mlp(layers.modulate(layers.layer_norm(x), mods[3], mods[4]), group_mask)
-        return parallel.batch_constrained(h)
+        return parallel.constrain(h, parallel.TOKENS)
 
 
 class DiT(nnx.Module):
@@ -205,12 +205,12 @@ class DiT(nnx.Module):
         if self.config.scan_blocks:
             graphdef, stacked = nnx.split(self.blocks)
             body = lambda h, block_state: (
-                parallel.batch_constrained(apply(graphdef, block_state, h)), None
+                parallel.constrain(apply(graphdef, block_state, h), parallel.TOKENS), None
             )
             return jax.lax.scan(body, tokens, stacked)[0]
-        for block in self.blocks:  # pinned: see parallel.batch_constrained
+        for block in self.blocks:  # pinned: see parallel.constrain
             graphdef, block_state = nnx.split(block)
-            tokens = parallel.batch_constrained(apply(graphdef, block_state, tokens))
+            tokens = parallel.constrain(apply(graphdef, block_state, tokens), parallel.TOKENS)
         return tokens
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:

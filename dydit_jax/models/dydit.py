@@ -196,7 +196,7 @@ class DyDiT(DiT):
             group_mask = block.full_width(gumbel_sigmoid(group_logits, keys[1], tau))
             router = lambda z: gumbel_sigmoid(block.token_logits(z), keys[2], tau)
             h, token_mask = block.forward(h, c, head_mask, group_mask, router)
-            return parallel.batch_constrained(h), (head_mask, group_mask, token_mask)
+            return parallel.constrain(h, parallel.TOKENS), (head_mask, group_mask, token_mask)
 
         if self.config.remat != "none":
             layer = jax.checkpoint(

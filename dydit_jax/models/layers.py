@@ -201,8 +201,9 @@ class AdaLNModulation(nnx.Module):
         )
 
     def __call__(self, c: jax.Array) -> list[jax.Array]:
-        # chunks of a tensor-sharded output: gathered first (parallel.split_constrained)
-        return jnp.split(parallel.split_constrained(self.linear(nnx.silu(c))), self.n, axis=-1)
+        # chunks of a tensor-sharded output: gathered first (parallel.constrain)
+        modulation = parallel.constrain(self.linear(nnx.silu(c)), ("batch", "modulation"))
+        return jnp.split(modulation, self.n, axis=-1)
 
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
@@ -240,7 +241,8 @@ class Attention(nnx.Module):
         """
         b, n, _ = x.shape
         heads = self.qkv.kernel.shape[-1] // (3 * self.head_dim)
-        qkv = parallel.split_constrained(self.qkv(x)).reshape(b, n, 3, heads, self.head_dim)
+        qkv = parallel.constrain(self.qkv(x), ("batch", "length", "qkv"))
+        qkv = qkv.reshape(b, n, 3, heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.impl == "einsum":
             out = dot_product_attention(q, k, v)

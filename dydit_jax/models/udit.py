@@ -354,7 +354,7 @@ class TokenDownsampledAttention(nnx.Module):
         b, h, w, c = x.shape
         groups = split_groups(self.downsampler(x) + x)  # (B, 4, n, w)
         n = groups.shape[2]
-        qkv = parallel.split_constrained(self.to_qkv(groups))
+        qkv = parallel.constrain(self.to_qkv(groups), ("batch", "groups", "length", "qkv"))
         qkv = qkv.reshape(b, 4, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (B, 4, n, H, d)
         if self.cosine:
@@ -437,12 +437,10 @@ class UDiTSubLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaLN(c)
-        x = x + _per_sample(gate_a) * batch_sharded(self.attn(_modulate(x, shift_a, scale_a)))
-        return x + _per_sample(gate_f) * batch_sharded(self.mlp(_modulate(x, shift_f, scale_f)))
-
-
-# Block and branch outputs carry the batch layout (parallel.batch_constrained).
-batch_sharded = parallel.batch_constrained
+        attn = parallel.constrain(self.attn(_modulate(x, shift_a, scale_a)), parallel.IMAGE)
+        x = x + _per_sample(gate_a) * attn
+        mlp = parallel.constrain(self.mlp(_modulate(x, shift_f, scale_f)), parallel.IMAGE)
+        return x + _per_sample(gate_f) * mlp
 
 
 def _per_sample(v: jax.Array) -> jax.Array:
@@ -584,7 +582,8 @@ class UDiT(nnx.Module):
             )
         for block in blocks:
             graphdef, block_state = nnx.split(block)
-            x = batch_sharded(apply(graphdef, block_state, batch_sharded(x)))
+            x = parallel.constrain(x, parallel.IMAGE)
+            x = parallel.constrain(apply(graphdef, block_state, x), parallel.IMAGE)
         return x
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
