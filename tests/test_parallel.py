@@ -96,6 +96,22 @@ def test_an_indivisible_dimension_hands_fsdp_to_another_and_the_rest_is_listed()
     assert parallel.replicated_leaves(logical, shapes, parallel.make_mesh((8, 1, 1)), rules) == []
 
 
+def test_training_names_the_parameters_that_stay_whole_on_every_chip(caplog):
+    from dydit_jax.models import model_config
+
+    config = model_config("DiT-S/2", input_size=8, in_channels=1, num_classes=10,
+                          hidden_size=1004, num_heads=4, depth=1)  # 1004 % 8 != 0
+    with caplog.at_level("WARNING"):
+        train_lib.log_replicated(config, parallel.make_mesh((1, 8, 1)), None)
+    text = caplog.text
+    assert "whole on every chip" in text and "fsdp=8" in text
+    assert "['attn']['qkv']['kernel']" in text  # (1004, 3012): nothing divisible by 8
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train_lib.log_replicated(config, parallel.make_mesh((8, 1, 1)), None)
+    assert "whole on every chip" not in caplog.text  # no fsdp axis: replication is the plan
+
+
 def test_activations_are_constrained_by_their_logical_axis_names():
     mesh = parallel.make_mesh((2, 2, 2))
 
