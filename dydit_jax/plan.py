@@ -305,7 +305,10 @@ def plan(config: ml_collections.ConfigDict, topology: str, what=("train", "sampl
         chips=topo.chips, devices=len(devices),
         hosts=len({d.process_index for d in devices}), chip=devices[0].device_kind,
         hbm_bytes_per_chip=topo.chip.hbm_bytes, peak_flops_per_chip=topo.chip.peak_bf16_flops,
-        mesh=dict(mesh.shape), remat=model_config.remat,
+        mesh=dict(mesh.shape), sample_mesh=dict(
+            zip(parallel.MESH_AXES, parallel.resolve_mesh_shape(parallel.INFERENCE_MESH,
+                                                                len(devices)), strict=True)),
+        remat=model_config.remat,
         scan_blocks=bool(getattr(model_config, "scan_blocks", False)),
         dtype=model_config.dtype,
         replicated_param_bytes=sum(b for _, b in whole),
@@ -321,19 +324,21 @@ def plan(config: ml_collections.ConfigDict, topology: str, what=("train", "sampl
         entry["images_per_chip"] = per_chip_rows / chips_per_device
         entry["flops_per_image"] = train_flops_per_image(model_config)
         report["programs"].append(entry)
+    # sample.py's own mesh: every device, data parallel (it never uses the training mesh)
+    infer = parallel.make_mesh(parallel.INFERENCE_MESH, devices=devices)
     if "sample" in what:
         log(f"compiling sample_step for {topo.name} ...")
-        entry = compile_program("sample_step", sample_program(config, model_config, mesh), hbm)
-        entry["images_per_chip"] = sample_batch(config, mesh) / len(devices) / chips_per_device
+        entry = compile_program("sample_step", sample_program(config, model_config, infer), hbm)
+        entry["images_per_chip"] = sample_batch(config, infer) / len(devices) / chips_per_device
         entry["flops_per_image"] = sample_flops_per_image(config, model_config)
         report["programs"].append(entry)
     if "engine" in what:
         if not isinstance(model_config, models.DyDiTConfig):
             raise ValueError("--what=engine is the DyDiT inference engine: use a DyDiT config")
-        for name, lowered, flops_per_image in engine_programs(config, model_config, mesh,
+        for name, lowered, flops_per_image in engine_programs(config, model_config, infer,
                                                               log=log):
             entry = compile_program(name, lowered, hbm)
-            entry["images_per_chip"] = sample_batch(config, mesh) / len(devices)
+            entry["images_per_chip"] = sample_batch(config, infer) / len(devices)
             entry["flops_per_image"] = flops_per_image
             report["programs"].append(entry)
     for entry in report["programs"]:
@@ -348,8 +353,8 @@ def format_report(report: dict) -> str:
         f"{report['config']} on {report['topology']} ({report['libtpu_topology']}): "
         f"{report['chips']} chips of {report['chip']}, {report['hosts']} hosts, "
         f"{report['hbm_bytes_per_chip'] / GIB:.2f} GiB HBM per chip",
-        f"mesh {mesh}; remat {report['remat']}, scan {report['scan_blocks']}, "
-        f"dtype {report['dtype']}",
+        f"training mesh {mesh}; remat {report['remat']}, scan {report['scan_blocks']}, "
+        f"dtype {report['dtype']}; sampling: every device data parallel, as sample.py",
     ]
     if report["replicated_param_bytes"]:
         lines.append(
