@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import math
 import os
 import re
@@ -112,6 +113,10 @@ def quiet_absent_tpu() -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     # pytest workers and the planner may each load libtpu (deviceless: no chip to share)
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # and JAX's INFO line that the probe found no TPU ("No jellyfish device found")
+    bridge = logging.getLogger("jax._src.xla_bridge")
+    if bridge.level == logging.NOTSET and libtpu_installed():
+        bridge.setLevel(logging.WARNING)
 
 
 def libtpu_installed() -> bool:

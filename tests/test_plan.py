@@ -2,6 +2,7 @@
 deviceless compiler, installed by the `tpu` extra that CI installs)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,16 @@ def tiny(name: str, per_chip: int, chips: int, mesh=(1, -1, 1), **model):
     config.global_batch_size = per_chip * chips
     config.mesh_shape = mesh
     return config
+
+
+def test_a_cpu_run_stays_quiet_with_libtpu_installed():
+    code = ("import dydit_jax, jax, logging; logging.basicConfig(level=logging.INFO); "
+            "print(jax.devices())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0 and "CpuDevice" in proc.stdout
+    assert "tpu" not in proc.stderr.lower(), proc.stderr
 
 
 def test_topology_names_as_users_write_them():
