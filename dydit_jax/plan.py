@@ -424,7 +424,7 @@ def search(config, topology: str, batches=(4, 8, 16), remats=("none", "dots", "f
     topo = tpu.parse_topology(topology)
     devices = tpu.devices(topo)
     base = train_lib.validate_config(config, training=False)
-    scans = scans if dataclasses.fields(base) and hasattr(base, "scan_blocks") else (False,)
+    scans = scans if hasattr(base, "scan_blocks") else (False,)  # U-DiT has no scan
     results = []
     for mesh_shape, remat, scan, per_chip in itertools.product(
         mesh_candidates(len(devices), base), remats, scans, batches
