@@ -74,16 +74,18 @@ def one_row(key: str, topology: str, log) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | topology | mesh (data, fsdp, tensor) | img/chip | remat | scan | "
-             "GiB/chip | compile s | ceiling img/s/chip |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| date | model | topology | mesh (data, fsdp, tensor) | img/chip | remat | scan | "
+             "GiB/chip | compile s | ceiling img/s/chip | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = f"{r['bytes_per_chip'] / 2**30:.2f}" if r["bytes_per_chip"] else "?"
         fits = "" if r["fits"] else " (does not fit)"
         lines.append(
-            f"| {r['model']} | {r['topology']} | {tuple(r['mesh'])} | {r['images_per_chip']} "
-            f"| {r['remat']}{fits} | {'yes' if r['scan_blocks'] else 'no'} | {size} | "
-            f"{r['compile_seconds']:.0f} | {r['ceiling']} |")
+            f"| {r['date']} | {r['model']} | {r['topology']} | {tuple(r['mesh'])} | "
+            f"{r['images_per_chip']} | {r['remat']}{fits} | "
+            f"{'yes' if r['scan_blocks'] else 'no'} | {size} | {r['compile_seconds']:.0f} | "
+            f"{r['ceiling']} | `python bench/pod_plans.py --models={r['key']} "
+            f"--topologies={r['topology']}` |")
     return "\n".join(lines)
 
 
