@@ -14,20 +14,16 @@ OUT/dynamic.json.
 
 import sys
 
-from dydit_jax import hugepages
+from absl import app, flags
 
-if __name__ == "__main__":  # first: glibc reads the huge-page tunable only at start
-    hugepages.reexec()
-
-from absl import app, flags, logging  # noqa: E402
-
-from dydit_jax import compile_cache, logs, parallel, sample_lib  # noqa: E402
+from dydit_jax import cli, sample_lib
+from dydit_jax import diffusion as diffusion_lib
 
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("out", None, "Output directory for samples.npz and grid.png.")
 flags.DEFINE_integer("num_samples", 100, "Number of images.")
 flags.DEFINE_string("sampling_steps", None, "Respacing: '250', 'ddim50', ... (default: config).")
-flags.DEFINE_enum("sampler", None, list(sample_lib.SAMPLERS), "Sampler (default: config).")
+flags.DEFINE_enum("sampler", None, list(diffusion_lib.SAMPLERS), "Sampler (default: config).")
 flags.DEFINE_float("cfg_scale", None, "Guidance scale; 1.0 = none (default: config).")
 flags.DEFINE_integer("guided_channels", None, "-1: guide all eps channels; 3: reference quirk.")
 flags.DEFINE_integer("seed", 0, "Same seed, same images.")
@@ -63,9 +59,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logs.configure()
-    compile_cache.enable()
-    parallel.initialize_distributed()
+    cli.start(distributed=True)
     try:
         summary = sample_lib.sample_from_workdir(
             FLAGS.workdir,
@@ -88,12 +82,11 @@ def main(argv):
             mesh_shape=FLAGS.mesh_shape,
         )
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(cli.fail(e))
     if summary.get("already_complete"):
         print(f"{summary['out']} already holds these {summary['num_samples']} samples (step "
               f"{summary['step']}); sampling is complete, nothing was written")
         return
-    logging.info("wrote %s", summary)
     if summary["dynamic"]:
         r = summary["dynamic"]
         print(

@@ -7,15 +7,10 @@ Resumes from the latest checkpoint in --workdir. See README.md for the outputs.
 
 import sys
 
-from dydit_jax import hugepages
+from absl import app, flags
+from ml_collections import config_flags
 
-if __name__ == "__main__":  # first: glibc reads the huge-page tunable only at start
-    hugepages.reexec()
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dydit_jax import cli, compile_cache, logs, parallel, train_lib  # noqa: E402
+from dydit_jax import cli, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
@@ -26,16 +21,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logs.configure()
-    compile_cache.enable()
-    parallel.initialize_distributed()
+    cli.start(distributed=True)
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train_lib.TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)  # the shell's code for a Ctrl-C
     except (ValueError, FileNotFoundError, train_lib.NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(cli.fail(e))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ import platform
 
 import jax
 
-from dydit_jax import hugepages
-
 
 def machine() -> str:
+    """Host, CPU, devices, jax, and the environment switches that change CPU speed (see the
+    README's "CPU speed" section): glibc's huge-page tunable and XLA_FLAGS."""
     devices = jax.devices()
+    huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+    flags = os.environ.get("XLA_FLAGS", "").strip()
     return (
         f"{platform.node()} | {platform.processor() or platform.machine()} | "
         f"{os.cpu_count()} CPU cores | {len(devices)} x {devices[0].device_kind} "
         f"({devices[0].platform}) | jax {jax.__version__} | malloc huge pages "
-        f"{'on' if hugepages.enabled() else 'off'}"
+        f"{'on' if huge else 'off'}" + (f" | XLA_FLAGS {flags}" if flags else "")
     )

@@ -40,28 +40,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dydit_jax import hugepages  # noqa: E402
-
-if __name__ == "__main__":  # before JAX: glibc reads the huge-page tunable only at start
-    hugepages.reexec()
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from dydit_jax import flops, parallel, sample_lib, train_lib  # noqa: E402
+from dydit_jax import config_lib, flops, model_parts, parallel, sample_lib  # noqa: E402
 from dydit_jax.diffusion import (  # noqa: E402
     classifier_free_guidance,
     create_diffusion,
+    initial_noise,
     sampler_step,
 )
 from dydit_jax.dynamic import DyDiTEngine  # noqa: E402
 from dydit_jax.dynamic.plan import width_plan  # noqa: E402
 from dydit_jax.models import model_config  # noqa: E402
 
-# The DyDiT paper's GFLOPs (ImageNet 256, specs/DYDIT.md) per size and lambda.
+# The DyDiT paper's GFLOPs (ImageNet 256, docs/dydit.md) per size and lambda.
 PAPER_GFLOPS = {
     "S/2": {1.0: 6.07, 0.7: 4.34, 0.5: 3.16},
     "B/2": {1.0: 23.02, 0.7: 16.28, 0.5: 11.90},
@@ -182,7 +178,7 @@ def trajectory_inputs(parts, params, args, batch: int, rows: int):
     labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
     guided = args.cfg_scale != 1.0
     shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
-    x, keys = sample_lib.initial_noise(jax.random.key(args.seed), jnp.arange(batch), shape,
+    x, keys = initial_noise(jax.random.key(args.seed), jnp.arange(batch), shape,
                                        guided)
     if guided:
         model_fn = classifier_free_guidance(apply_fn, labels, cfg.num_classes, args.cfg_scale,
@@ -417,8 +413,8 @@ def paper_size(args) -> list[dict]:
         with jax.set_mesh(mesh):
             # Only the DyDiT is initialised (on device: 10-20 s of compile at B/2 on CPU);
             # the DiT runs its backbone.
-            dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
-            dydit_parts = train_lib.build_model(dydit_config, mesh, seed=0)
+            dit_parts = model_parts.build_model(dit_config, mesh, seed=0, init_params=False)
+            dydit_parts = model_parts.build_model(dydit_config, mesh, seed=0)
             full = random_backbone(dydit_parts.params, args.seed)
             backbone = dit_subset(full)
             timesteps = create_diffusion(args.steps_spec).timestep_map[::-1]
@@ -435,13 +431,13 @@ def paper_size(args) -> list[dict]:
 def trained_digits(args) -> list[dict]:
     mesh = parallel.make_mesh((-1, 1, 1))
     with jax.set_mesh(mesh):
-        _, config, dydit_parts, weights = train_lib.restore_weights(args.workdir, mesh)
+        _, config, dydit_parts, weights = model_parts.restore_weights(args.workdir, mesh)
         dit_config = model_config(
             config.model.replace("DyDiT", "DiT"), input_size=config.image_size,
             in_channels=config.in_channels, num_classes=config.num_classes,
-            **train_lib.active_overrides(config),
+            **config_lib.active_overrides(config),
         )
-        dit_parts = train_lib.build_model(dit_config, mesh, seed=0, init_params=False)
+        dit_parts = model_parts.build_model(dit_config, mesh, seed=0, init_params=False)
         backbone = dit_subset(jax.device_get(weights))
         return [compare(f"trained digits DyDiT ({args.workdir})", dit_parts, backbone,
                         dydit_parts, weights, mesh, args)]

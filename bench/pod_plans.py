@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine  # noqa: E402
 from configs import dit, dydit, udit  # noqa: E402
-from dydit_jax import parallel, plan, tpu, train_lib  # noqa: E402
+from dydit_jax import config_lib, parallel, plan, tpu  # noqa: E402
 
 MODELS = {
     "dit_xl2": ("DiT-XL/2 256", lambda: dit.get_config("XL/2")),
@@ -51,10 +51,10 @@ def one_row(key: str, topology: str, log) -> dict:
     for remat in ("none", "dots", "full"):
         config = make()
         config.model_overrides.remat = remat
-        model_config = train_lib.validate_config(config, training=False)
+        model_config = config_lib.validate_config(config, training=False)
         config.mesh_shape = fsdp_mesh(len(devices), model_config.hidden_size)
         config.global_batch_size = PER_CHIP * len(devices)
-        model_config = train_lib.validate_config(config, training=False)
+        model_config = config_lib.validate_config(config, training=False)
         mesh = parallel.make_mesh(config.mesh_shape, devices=devices)
         log(f"{label} on {topology}: mesh {config.mesh_shape}, remat {remat} ...")
         entry = plan.compile_program("train_step", plan.train_program(config, model_config, mesh),

@@ -1,7 +1,7 @@
 r"""Forward and train-step throughput of DiT, DyDiT and U-DiT at 256px (32x32x4 latents).
 
 Per model: images/s of the forward (`model(x, t, y)`, the call path of the samplers) and of
-the real train step (`train_lib.make_train_step`: diffusion loss, backward, AdamW, EMA);
+the real train step (`update_step.make_train_step`: diffusion loss, backward, AdamW, EMA);
 lower and compile time (timed apart from the runs); device memory of the compiled program;
 analytic GMACs per image next to XLA's FLOPs per image; MFU on GPU/TPU. U-DiT's forward is
 measured twice: the training form and the fused inference form (`sample_lib.inference_form`,
@@ -83,17 +83,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dydit_jax import hugepages  # noqa: E402
-
-if __name__ == "__main__":  # before JAX: glibc reads the huge-page tunable only at start
-    hugepages.reexec()
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from dydit_jax import flops, models, parallel, sample_lib, train_lib, xla_cpu  # noqa: E402
+from dydit_jax import (  # noqa: E402
+    config_lib,
+    flops,
+    model_parts,
+    models,
+    parallel,
+    sample_lib,
+    update_step,
+)
 
 LATENT_SIZE, LATENT_CHANNELS, NUM_CLASSES = 32, 4, 1000  # ImageNet 256px through the KL-f8 VAE
 DEFAULT_MODELS = "DiT-B/2,U-DiT-B,DiT-XL/2"
@@ -164,7 +167,7 @@ def model_settings(name: str, args) -> tuple[dict, str]:
 
 def run_config(name: str, overrides: dict, args):
     """The trainer's run config for `name` at the benchmark's latent size and batch."""
-    config = train_lib.base_config()
+    config = config_lib.base_config()
     config.model = name
     config.model_overrides.update(overrides)
     config.image_size, config.in_channels = args.image_size, LATENT_CHANNELS
@@ -271,21 +274,21 @@ def forward_fn(parts, mesh):
         return nnx.merge(parts.graphdef, params, parts.buffers)(x, t, y)
 
     rows = parallel.batch_sharding(mesh)
-    return xla_cpu.jit(forward, model=parts.config,
-                       in_shardings=(parts.param_shardings, rows, rows, rows), out_shardings=rows)
+    return parallel.jit(forward, mesh=mesh,
+                        in_shardings=(parts.param_shardings, rows, rows, rows), out_shardings=rows)
 
 
 def bench_model(name: str, args, mesh) -> list[dict]:
     """Rows of one model: forward (U-DiT: training form and fused), then the train step."""
     overrides, settings = model_settings(name, args)
     config = run_config(name, overrides, args)
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     n_dev = mesh.size
     per_device = args.batch // n_dev
     host = random_inputs(args.batch, args.image_size, NUM_CLASSES, args.seed)
     inputs = parallel.global_batch(host, mesh)
     start = time.perf_counter()
-    parts = train_lib.build_model(model_config, mesh, seed=args.seed, rules=config.sharding_rules)
+    parts = model_parts.build_model(model_config, mesh, seed=args.seed, rules=config.sharding_rules)
     jax.block_until_ready(parts.params)
     print(f"[{name}] {sum(x.size for x in jax.tree.leaves(parts.param_shapes)) / 1e6:.2f}M "
           f"parameters, built (jitted random init, compile included) in "
@@ -328,10 +331,10 @@ def bench_model(name: str, args, mesh) -> list[dict]:
             del res
         del fused_parts, fused_params
     if "train" in args.what and name in args.train_models:
-        tx = train_lib.make_optimizer(config)
-        state = train_lib.init_state(parts, tx, mesh)
+        tx = update_step.make_optimizer(config)
+        state = update_step.init_state(parts, tx, mesh)
         parts.params = None  # the state owns (and the step donates) the parameters
-        step = train_lib.make_train_step(parts, tx, config, mesh)
+        step = update_step.make_train_step(parts, tx, config, mesh)
         batch = parallel.global_batch({"latents": host["x"], "label": host["y"]}, mesh)
         res = measure(step, (state, batch), warmup=args.warmup, iters=args.iters,
                       carry=lambda out, a: (out[0], a[1]))

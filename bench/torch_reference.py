@@ -4,7 +4,7 @@ process.
 
 The reference DiT is PyTorch modules (timm's Attention and Mlp: one qkv Linear, PyTorch's
 `scaled_dot_product_attention`, proj; Linear -> tanh-GELU -> Linear) in eager mode. This
-script writes that forward in a few lines of torch from the spec (specs/DIT.md; our code,
+script writes that forward in a few lines of torch from the spec (docs/dit.md; our code,
 not the release's), with random weights, and times it against our jitted forward on the
 same inputs: float32, and bfloat16 (torch: `autocast`; ours: `dtype=bfloat16` compute).
 Needs the optional torch extra (`pip install torch`, CPU wheel); the core library never
@@ -13,7 +13,7 @@ imports torch.
 The training step (`--what=train`) is the reference training loop's body: q_sample at random
 timesteps, forward, loss, backward, `torch.optim.AdamW(lr=1e-4, weight_decay=0)` step and the
 release's EMA update (a Python loop of `mul_`/`add_` over the parameters), against ours:
-`train_lib.make_train_step` with the shipped DiT config (`configs/dit.py`: scan over the
+`update_step.make_train_step` with the shipped DiT config (`configs/dit.py`: scan over the
 blocks), which also computes the learned-sigma VB term and drops 10% of the labels. The torch
 loss is the epsilon MSE alone: the VB term is elementwise work on the 8 output channels,
 a negligible fraction of a step.
@@ -40,11 +40,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dydit_jax import hugepages  # noqa: E402
-
-if __name__ == "__main__":  # before JAX: glibc reads the huge-page tunable only at start
-    hugepages.reexec()
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,7 +53,7 @@ from bench.throughput import (  # noqa: E402
     random_inputs,
     run_config,
 )
-from dydit_jax import flops, parallel, train_lib, xla_cpu  # noqa: E402
+from dydit_jax import config_lib, flops, model_parts, parallel, update_step  # noqa: E402
 from dydit_jax.models import create_model, model_config  # noqa: E402
 
 
@@ -127,7 +122,7 @@ def compare(args, dtype: str, torch) -> float:
     ours = create_model(args.model, input_size=32, in_channels=4, num_classes=1000,
                         dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(ours)
-    forward = xla_cpu.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), model=cfg)
+    forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 32, 32, 4)).astype(np.float32)
     t = rng.integers(0, 1000, args.batch)
@@ -206,11 +201,11 @@ def compare_train(args, dtype: str, torch) -> float:
                         argparse.Namespace(image_size=LATENT_SIZE, batch=args.batch))
     mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(train_lib.validate_config(config), mesh, seed=0)
-        tx = train_lib.make_optimizer(config)
-        state = [train_lib.init_state(parts, tx, mesh)]
+        parts = model_parts.build_model(config_lib.validate_config(config), mesh, seed=0)
+        tx = update_step.make_optimizer(config)
+        state = [update_step.init_state(parts, tx, mesh)]
         parts.params = None  # the state owns (and the step donates) the parameters
-        jax_step = train_lib.make_train_step(parts, tx, config, mesh)
+        jax_step = update_step.make_train_step(parts, tx, config, mesh)
         host = random_inputs(args.batch, LATENT_SIZE, NUM_CLASSES, seed=0)
         batch = parallel.global_batch({"latents": host["x"], "label": host["y"]}, mesh)
 

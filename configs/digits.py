@@ -9,13 +9,13 @@ Variants (`configs/digits.py:VARIANT`):
   default  the demo: a 4-block DiT (hidden 192) at 8x8, patch 2, 10-15 minutes on 2 cores
   tiny     a few-second smoke run for tests
 
-Fields not set here keep the DiT recipe of `dydit_jax.train_lib.base_config()`. Override
+Fields not set here keep the DiT recipe of `dydit_jax.config_lib.base_config()`. Override
 any field: `--config.num_steps=3000 --config.model_overrides.depth=6`.
 """
 
 import ml_collections
 
-from dydit_jax.train_lib import base_config, model_overrides
+from dydit_jax.config_lib import base_config, model_overrides
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

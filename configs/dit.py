@@ -36,7 +36,7 @@ activation estimate; no devices needed):
 
   python -m dydit_jax.memory --config=configs/dit.py:XL/2 --mesh=1,8,1 --devices=8
 
-Fields not set here keep the recipe of `dydit_jax.train_lib.base_config()`: AdamW lr 1e-4
+Fields not set here keep the recipe of `dydit_jax.config_lib.base_config()`: AdamW lr 1e-4
 constant, weight decay 0, EMA 0.9999, global batch 256, label dropout 0.1, 400K steps (the
 paper's ablations; its headline XL/2 ran 7M steps: `--config.num_steps=7000000`). Override any
 field: `--config.global_batch_size=512 --config.model_overrides.remat=full`.
@@ -45,7 +45,7 @@ field: `--config.global_batch_size=512 --config.model_overrides.remat=full`.
 import ml_collections
 
 from dydit_jax import models, parallel
-from dydit_jax.train_lib import base_config, model_overrides
+from dydit_jax.config_lib import base_config, model_overrides
 
 # image resolution -> latent size (the KL-f8 VAE downsamples by 8)
 RESOLUTIONS = {256: 32, 512: 64}

@@ -40,7 +40,7 @@ Reference checkpoints: `python -m dydit_jax.convert udit --src U-DiT-B-400k.pt -
 (add `--input-size 64` for 512px files). Sampling uses the fused FFN form:
 `dydit_jax.models.fuse_model_params(config, params)`.
 
-Fields not set here keep the DiT recipe of `dydit_jax.train_lib.base_config()`, which is
+Fields not set here keep the DiT recipe of `dydit_jax.config_lib.base_config()`, which is
 U-DiT's: AdamW lr 1e-4 constant, no weight decay, EMA 0.9999, global batch 256, label dropout
 0.1 (each of U-DiT's three label embedders drops independently), learned sigma with the
 hybrid loss. Override any field: `--config.global_batch_size=512
@@ -50,7 +50,7 @@ hybrid loss. Override any field: `--config.global_batch_size=512
 import ml_collections
 
 from dydit_jax import models, parallel
-from dydit_jax.train_lib import base_config, model_overrides
+from dydit_jax.config_lib import base_config, model_overrides
 
 # image resolution -> latent size (the KL-f8 VAE downsamples by 8)
 RESOLUTIONS = {256: 32, 512: 64}

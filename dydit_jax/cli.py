@@ -1,4 +1,13 @@
-"""Command-line parsing shared by the entry points: one `error:` line for a bad flag."""
+"""What every entry point shares: its start (logging, the compilation cache, the
+multi-process start), flag parsing, and its end on bad input: one `error:` line, exit code 2.
+
+    def main(argv):
+        cli.start(distributed=True)
+        try:
+            ...
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(cli.fail(e))
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,28 @@ import sys
 
 from absl import flags
 
+from dydit_jax import compile_cache, logs, parallel
+
+BAD_INPUT = 2  # the exit code of every entry point for bad input (argparse's)
+
+
+def start(*, distributed: bool = False, log_info: bool = True) -> None:
+    """An entry point's first steps: our INFO lines with the libraries' kept to warnings, the
+    persistent compilation cache, and (`distributed`) the multi-process start that the
+    launcher's environment describes (nothing on one process)."""
+    if log_info:
+        logs.configure()
+    compile_cache.enable()
+    if distributed:
+        parallel.initialize_distributed()
+
+
+def fail(error: BaseException) -> int:
+    """Print `error: ...` (one line for expected bad input) to stderr; returns the exit code."""
+    message = f"missing entry {error}" if isinstance(error, KeyError) else str(error)
+    print(f"error: {message}", file=sys.stderr)
+    return BAD_INPUT
+
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`, with the errors that
@@ -17,9 +48,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
+        print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+        sys.exit(BAD_INPUT)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        sys.exit(f"error: {config_override_message(e, argv, _loaded_config(argv))}")
+        sys.exit(fail(ValueError(config_override_message(e, argv, _loaded_config(argv)))))
 
 
 def _loaded_config(argv: list[str]):

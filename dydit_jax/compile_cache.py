@@ -59,7 +59,7 @@ def enable() -> str | None:
 
 def _has_filelock() -> bool:
     try:
-        import filelock  # noqa: F401
+        import filelock  # noqa: F401 - optional: only probed for
     except ImportError:
         return False
     return True

@@ -53,7 +53,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
-# Width of the sinusoidal timestep features fed to the t-embedder MLP (specs/DIT.md).
+# Width of the sinusoidal timestep features fed to the t-embedder MLP (docs/dit.md).
 TIMESTEP_FREQ_DIM = 256
 # Operations charged per layer-norm input element in the DyDiT convention.
 LAYER_NORM_OPS_PER_ELEMENT = 4
@@ -267,7 +267,7 @@ __all__ = [
 
 
 # =============================================================================================
-# U-DiT (specs/UDIT.md)
+# U-DiT (docs/udit.md)
 # =============================================================================================
 #
 # Counting convention (``udit_macs``): that of torchprofile's ``profile_macs`` (the counter
@@ -290,7 +290,7 @@ __all__ = [
 # 6.04 / 22.22 / 85.00 at 256px (S / B / L; 6.0435 / 22.2248 / 85.0003), vanilla 5.91 / 21.96
 # / 84.48, and U-DiT-B 106.7 at 512px (106.710). The training form (unfused FFN) gives
 # 7.15 / 26.55 / 102.12 (B: 26.5549) against the 7.15 / 26.56 / 102.12 estimated in
-# specs/UDIT.md: B sits 0.00014 below the rounding edge. Matmuls and convs alone fall short
+# docs/udit.md: B sits 0.00014 below the rounding edge. Matmuls and convs alone fall short
 # (fused L 84.91, B 22.18); charging the layer norms at 4 ops per element instead of the
 # multiplications (the DyDiT convention) gives fused L 84.99 and vanilla B 21.97, so that is
 # not it either.
@@ -368,7 +368,7 @@ def udit_macs(config) -> float:
 
 
 def udit_param_count(config) -> int:
-    """Analytic parameter count of a U-DiT config, from the reference layout (specs/UDIT.md):
+    """Analytic parameter count of a U-DiT config, from the reference layout (docs/udit.md):
     training form 58.90M / 231.25M / 916.34M, fused 52.05M / 204.43M / 810.19M (S / B / L)."""
     c, heads, out = config.hidden_size, config.num_heads, config.out_channels
     lin = lambda i, o: i * o + o

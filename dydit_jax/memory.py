@@ -57,9 +57,11 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from jax.sharding import PartitionSpec
 
-from dydit_jax import parallel, tpu, train_lib
+from dydit_jax import cli, config_lib, model_parts, parallel, tpu, update_step
+from dydit_jax import plan as plan_lib
 
 GIB = 1024**3
 
@@ -108,13 +110,13 @@ def memory_plan(
     Raises ValueError for a mesh that does not fit `num_devices` or a global batch that the
     data-parallel devices do not divide.
     """
-    model_config = train_lib.validate_config(config, training=False)
+    model_config = config_lib.validate_config(config, training=False)
     shape = parallel.resolve_mesh_shape(mesh_shape, num_devices)
     sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
     mesh = SimpleNamespace(shape=sizes)  # all that logical_to_mesh_spec reads
     rules = parallel.rules_dict(config.sharding_rules)
 
-    _, shapes, logical = train_lib.abstract_model(model_config)
+    _, shapes, logical = model_parts.abstract_model(model_config)
     factors = jax.tree.map(
         lambda spec, x: _shard_factor(
             parallel.logical_to_mesh_spec(spec, x.shape, mesh, rules), sizes
@@ -128,7 +130,7 @@ def memory_plan(
 
     # AdamW state laid out as the trainer shards it: moments like their parameters, the rest
     # (step counters) replicated.
-    tx = train_lib.make_optimizer(config)
+    tx = update_step.make_optimizer(config)
     opt_shapes = jax.eval_shape(tx.init, shapes)
     opt_bytes = optax.tree_map_params(
         tx, lambda x, f: _nbytes(x) // f, opt_shapes, factors, transform_non_params=_nbytes
@@ -168,7 +170,6 @@ def compiled_bytes(config: ml_collections.ConfigDict, mesh_shape: Sequence[int],
     needed): on `topology`, or a v5p slice of `num_devices` chips (its 95 GiB let big
     programs compile; per-device bytes depend little on the chip generation). Raises
     RuntimeError without libtpu, ValueError for a device count that no slice has."""
-    from dydit_jax import plan as plan_lib  # the planner builds the programs train.py runs
 
     if topology is None:
         grid = tpu.chip_grid(num_devices, 3)
@@ -181,7 +182,7 @@ def compiled_bytes(config: ml_collections.ConfigDict, mesh_shape: Sequence[int],
                          f"{num_devices}")
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.mesh_shape = tuple(mesh_shape)
-    model_config = train_lib.validate_config(trial, training=False)
+    model_config = config_lib.validate_config(trial, training=False)
     mesh = parallel.make_mesh(mesh_shape, devices=devices)
     entry = plan_lib.compile_program(
         "train_step", plan_lib.train_program(trial, model_config, mesh), topo.chip.hbm_bytes)
@@ -244,11 +245,9 @@ def _parse_mesh(values: Sequence[str]) -> tuple[int, ...]:
 
 
 def main(argv) -> None:
-    from absl import flags
-
     flags_ = flags.FLAGS
     if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+        sys.exit(cli.fail(ValueError(f"unexpected arguments {argv[1:]}")))
     jax.config.update("jax_platforms", "cpu")  # shapes only: never claim an accelerator
     try:
         mesh = _parse_mesh(flags_.mesh) if flags_.mesh else tuple(flags_.config.mesh_shape)
@@ -272,7 +271,7 @@ def main(argv) -> None:
                     raise
                 why = f"no TPU slice to compile for ({e})"
     except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(cli.fail(e))
     print(format_plan(estimate))
     print()
     if compiled is not None:

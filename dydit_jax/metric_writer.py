@@ -22,6 +22,12 @@ from etils import epath
 from PIL import Image
 
 
+def _number(value) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.4g}"
+    return str(value)
+
+
 class MetricWriter:
     """Scalars and images per step: one log line each, and (unless `just_logging`, as for
     the non-primary processes of a multi-host run) TensorBoard events in `logdir`."""
@@ -31,7 +37,7 @@ class MetricWriter:
         if not just_logging:
             # imported here: only the writing process needs them (none imports TensorFlow)
             from tensorboard.compat.proto import event_pb2, summary_pb2
-            from tensorboard.summary.writer.record_writer import RecordWriter
+            from tensorboard.summary.writer.record_writer import RecordWriter  # as above
 
             self._summary, self._event = summary_pb2, event_pb2
             name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
@@ -41,11 +47,9 @@ class MetricWriter:
             self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        values = [
-            f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in sorted(scalars.items())
-        ]
-        logging.info("[%d] %s", step, ", ".join(values))
+        first = [k for k in ("loss", "mse", "vb") if k in scalars]  # then by name
+        names = first + sorted(k for k in scalars if k not in first)
+        logging.info("step %d: %s", step, "  ".join(f"{k} {_number(scalars[k])}" for k in names))
         if self._events is not None:
             summary = self._summary.Summary(value=[
                 self._summary.Summary.Value(tag=k, simple_value=float(v))
@@ -55,7 +59,6 @@ class MetricWriter:
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """`images`: name -> (N, H, W, C) uint8 (C = 1 or 3), or floats in [0, 1]."""
-        logging.info("[%d] Got images: %s.", step, {k: np.shape(v) for k, v in images.items()})
         if self._events is None:
             return
         values = []

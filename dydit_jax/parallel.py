@@ -105,6 +105,16 @@ def on_mesh(fn, mesh: Mesh):
     return traced
 
 
+def jit(fn, *, mesh: Mesh | None = None, compiler_options: Mapping | None = None, **kwargs):
+    """`jax.jit(fn, **kwargs)` for the library's programs: with `mesh`, `fn` is traced under
+    it (`on_mesh`); `compiler_options` (the run config's, e.g. an XLA backend option) go to
+    XLA as they are, and none or an empty mapping leaves XLA's defaults."""
+    if mesh is not None:
+        fn = on_mesh(fn, mesh)
+    options = dict(compiler_options) if compiler_options else None
+    return jax.jit(fn, compiler_options=options, **kwargs)
+
+
 def batch_size_per_step(mesh: Mesh) -> int:
     """How many ways the batch axis is split (a global batch must be a multiple of this)."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import re
 import sys
@@ -34,10 +33,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from jax._src import config as jax_config  # no public switch for one compile
 
+from dydit_jax import (
+    cli,
+    config_lib,
+    files,
+    flops,
+    model_parts,
+    models,
+    parallel,
+    sample_lib,
+    tpu,
+    update_step,
+)
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import flops, models, parallel, sample_lib, tpu, train_lib
+from dydit_jax.dynamic import DyDiTEngine
 
 GIB = 1024**3
 PROGRAMS = ("train", "sample", "engine")
@@ -53,16 +65,16 @@ def cpu_mesh():
     return parallel.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
 
 
-def host_parts(model_config, mesh, rules=None) -> train_lib.ModelParts:
+def host_parts(model_config, mesh, rules=None) -> model_parts.ModelParts:
     """`ModelParts` for `mesh` without parameters: shapes and shardings from the abstract
     model, the fixed buffers computed on this machine's CPU (constants of the program)."""
-    graphdef, shapes, logical = train_lib.abstract_model(model_config)
+    graphdef, shapes, logical = model_parts.abstract_model(model_config)
     cpu = cpu_mesh()
     with jax.set_mesh(cpu):  # whatever mesh the caller has set
-        cpu_parts = train_lib.build_model(model_config, cpu, init_params=False)
+        cpu_parts = model_parts.build_model(model_config, cpu, init_params=False)
     buffers = jax.tree.map(np.asarray, cpu_parts.buffers)
     shardings = parallel.tree_shardings(logical, shapes, mesh, parallel.rules_dict(rules))
-    return train_lib.ModelParts(graphdef, None, buffers, model_config, shapes, shardings)
+    return model_parts.ModelParts(graphdef, None, buffers, model_config, shapes, shardings)
 
 
 def abstract_like(shapes, shardings):
@@ -93,10 +105,10 @@ def train_step_and_args(config, model_config, mesh):
             "data-parallel devices (data x fsdp); change it or the mesh"
         )
     parts = host_parts(model_config, mesh, config.sharding_rules)
-    tx = train_lib.make_optimizer(config)
-    step = train_lib.make_train_step(parts, tx, config, mesh)
-    targets = train_lib.restore_targets(parts, tx, mesh)  # abstract, with shardings
-    state = train_lib.TrainState(
+    tx = update_step.make_optimizer(config)
+    step = update_step.make_train_step(parts, tx, config, mesh)
+    targets = update_step.restore_targets(parts, tx, mesh)  # abstract, with shardings
+    state = update_step.TrainState(
         jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh)),
         targets["params"], targets["ema_params"], targets["opt_state"],
     )
@@ -123,6 +135,7 @@ def sample_program(config, model_config, mesh):
     sampler = sample_lib.make_batch_sampler(
         parts, mesh=mesh, sampling_steps=s.steps, sampler=s.sampler,
         cfg_scale=float(s.cfg_scale), guided_channels=s.guided_channels,
+        compiler_options=config.get("compiler_options"),
     )
     rows, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     b = sample_batch(config, mesh)
@@ -157,15 +170,14 @@ def engine_programs(config, model_config, mesh, log=print):
     """(name, lowered, FLOPs per image of the whole engine run) for every program the DyDiT
     engine compiles, on a synthetic plan at `config.dydit.lambda_target` (token capacity:
     the config's, or per layer from 50% to 100% of the tokens for "calibrate"/"all")."""
-    from dydit_jax.dynamic import DyDiTEngine
 
     flat = dataclasses.replace(model_config, scan_blocks=False)  # the engine's layout
     cpu = cpu_mesh()
     with jax.set_mesh(cpu):
-        cpu_parts = train_lib.build_model(flat, cpu, init_params=False)
+        cpu_parts = model_parts.build_model(flat, cpu, init_params=False)
     lam = float(config.dydit.lambda_target)
     params = jax.device_put(synthetic_router_params(cpu_parts, lam), cpu_parts.param_shardings)
-    options = train_lib.engine_options(config.sample)
+    options = config_lib.engine_options(config.sample)
     capacity = options.pop("capacity")
     if capacity is None or isinstance(capacity, str):
         n = flat.num_tokens
@@ -294,11 +306,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, what=("train", "sampl
     unknown = sorted(set(what) - set(PROGRAMS))
     if unknown:
         raise ValueError(f"--what {unknown}: choose from {', '.join(PROGRAMS)}")
-    model_config = train_lib.validate_config(config, training=False)
+    model_config = config_lib.validate_config(config, training=False)
     devices = tpu.devices(topo)
     mesh = parallel.make_mesh(config.mesh_shape, devices=devices)
     rules = parallel.rules_dict(config.sharding_rules)
-    _, shapes, logical = train_lib.abstract_model(model_config)
+    _, shapes, logical = model_parts.abstract_model(model_config)
     whole = parallel.replicated_leaves(logical, shapes, mesh, rules)
     report: dict[str, Any] = dict(
         config=config.model, topology=topo.name, libtpu_topology=topo.libtpu_name,
@@ -423,7 +435,7 @@ def search(config, topology: str, batches=(4, 8, 16), remats=("none", "dots", "f
     first, by ceiling, then larger batch, then fewer bytes."""
     topo = tpu.parse_topology(topology)
     devices = tpu.devices(topo)
-    base = train_lib.validate_config(config, training=False)
+    base = config_lib.validate_config(config, training=False)
     scans = scans if hasattr(base, "scan_blocks") else (False,)  # U-DiT has no scan
     results = []
     for mesh_shape, remat, scan, per_chip in itertools.product(
@@ -437,7 +449,7 @@ def search(config, topology: str, batches=(4, 8, 16), remats=("none", "dots", "f
             trial.model_overrides.scan_blocks = scan
         log(f"  mesh {mesh_shape} remat {remat} scan {scan} batch/chip {per_chip} ...")
         try:
-            model_config = train_lib.validate_config(trial, training=False)
+            model_config = config_lib.validate_config(trial, training=False)
             mesh = parallel.make_mesh(mesh_shape, devices=devices)
             lowered = train_program(trial, model_config, mesh)
             entry = compile_program("train_step", lowered, topo.chip.hbm_bytes)
@@ -475,38 +487,30 @@ def format_search(results: list[dict]) -> str:
 # ------------------------------------------------------------------------ command line
 
 
-def write_json(path: str, report: Any) -> None:
-    with sample_lib._atomic(path) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-
-
 def main(argv) -> None:
-    from absl import flags
-
     f = flags.FLAGS
     if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+        sys.exit(cli.fail(ValueError(f"unexpected arguments {argv[1:]}")))
+    cli.start(log_info=False)
     try:
         if f.search:
             batches = tuple(int(b) for b in f.search_batches)
             results = search(f.config, f.topology, batches=batches)
             print(format_search(results))
             if f.json:
-                write_json(f.json, {"topology": f.topology, "search": results})
+                files.write_json(f.json, {"topology": f.topology, "search": results})
             return
         report = plan(f.config, f.topology, what=tuple(f.what))
     except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(cli.fail(e))
     print(format_report(report))
     if f.json:
-        write_json(f.json, report)
+        files.write_json(f.json, report)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
-
-    from dydit_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:VARIANT]).")
     flags.DEFINE_string("topology", None, f"TPU topology, e.g. {tpu.EXAMPLES}")

@@ -12,12 +12,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -25,33 +24,11 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import config_lib, files, model_parts, models, parallel
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import parallel, xla_cpu
-
-SAMPLERS = diffusion_lib.SAMPLERS
-
-
-def initial_noise(
-    key: jax.Array, indices: jax.Array, image_shape: tuple[int, ...], guided: bool
-) -> tuple[jax.Array, jax.Array]:
-    """(x_T, per-row sampler keys) of a batch. Row r is image number indices[r] of the run:
-    its noise comes from fold_in(key, indices[r]). Under guidance the batch is doubled as
-    [z; z] (the second half's keys are folded once more; its state is never used)."""
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    noise_keys, loop_keys = jax.vmap(jax.random.split, out_axes=1)(row_keys)
-    z = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
-    if guided:
-        z = jnp.concatenate([z, z], axis=0)
-        uncond_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(loop_keys)
-        loop_keys = jnp.concatenate([loop_keys, uncond_keys], axis=0)
-    return z, loop_keys
-
-
-def check_sampler(sampler: str, guided_channels: int | None) -> int | None:
-    """Refuse an unknown sampler; returns guided_channels with -1 (all channels) as None."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    return None if guided_channels is not None and guided_channels < 0 else guided_channels
+from dydit_jax import dynamic as dynamic_lib
+from dydit_jax import vae as vae_lib
 
 
 def make_batch_sampler(
@@ -63,9 +40,10 @@ def make_batch_sampler(
     cfg_scale: float = 1.0,
     guided_channels: int | None = None,
     eta: float = 0.0,
+    compiler_options=None,
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
     """A jitted fn(params, key, indices, labels) -> float32 samples (B, H, W, C), model space,
-    for a model split as `train_lib.ModelParts` (graphdef, buffers, shardings, config).
+    for a model split as `model_parts.ModelParts` (graphdef, buffers, shardings, config).
 
     Row r is image number indices[r] of the run (see `initial_noise`).
     `cfg_scale` 1.0 samples without guidance; otherwise the batch is doubled as [z; z] with
@@ -74,13 +52,13 @@ def make_batch_sampler(
     """
     graphdef, buffers, config = parts.graphdef, parts.buffers, parts.config
     image_shape = (config.input_size, config.input_size, config.in_channels)
-    guided_channels = check_sampler(sampler, guided_channels)
+    guided_channels = diffusion_lib.check_sampler(sampler, guided_channels)
     diffusion = diffusion_lib.create_diffusion(sampling_steps)
     guided = cfg_scale != 1.0
 
     def sample(params, key, indices, labels):
         model = nnx.merge(graphdef, params, buffers)
-        z, loop_keys = initial_noise(key, indices, image_shape, guided)
+        z, loop_keys = diffusion_lib.initial_noise(key, indices, image_shape, guided)
         if guided:
             model_fn = diffusion_lib.classifier_free_guidance(
                 model, labels, config.num_classes, cfg_scale, guided_channels
@@ -94,9 +72,9 @@ def make_batch_sampler(
 
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
-    return xla_cpu.jit(
-        sample, model=config, mesh=mesh, in_shardings=(parts.param_shardings, rep, rows, rows),
-        out_shardings=rows,
+    return parallel.jit(
+        sample, mesh=mesh, compiler_options=compiler_options,
+        in_shardings=(parts.param_shardings, rep, rows, rows), out_shardings=rows,
     )
 
 
@@ -207,7 +185,7 @@ def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    with _atomic(path) as tmp:
+    with files.atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 
 
@@ -215,35 +193,7 @@ def save_npz(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     """`arr_0` uint8 NHWC and `arr_1` int labels, written atomically."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"samples must be uint8 NHWC, got {images.dtype} {images.shape}")
-    with _atomic(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, images, np.asarray(labels, np.int64))
-
-
-class _atomic:
-    """Context manager yielding a temp path in the target's folder, renamed on success."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self) -> str:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    files.atomic_write(path, lambda f: np.savez(f, images, np.asarray(labels, np.int64)))
 
 
 def grid_upscale(image_size: int) -> int:
@@ -255,12 +205,11 @@ def inference_form(parts, weights, mesh, rules=None):
     """(parts, weights) of the model's inference form: U-DiT's re-parameterised FFNs fused
     (`models.fuse_model_params`, a pure function jitted straight into the new shardings);
     every other model comes back as it is."""
-    from dydit_jax import models, train_lib
 
     fused_config, _ = models.fuse_model_params(parts.config, {})
     if fused_config == parts.config:
         return parts, weights
-    fused_parts = train_lib.build_model(fused_config, mesh, rules=rules, init_params=False)
+    fused_parts = model_parts.build_model(fused_config, mesh, rules=rules, init_params=False)
     fuse = jax.jit(
         lambda p: models.fuse_model_params(parts.config, p)[1],
         out_shardings=fused_parts.param_shardings,
@@ -331,8 +280,7 @@ class SampleRun:
                 )
         elif self.writer:
             os.makedirs(self.parts_dir, exist_ok=True)
-            with _atomic(record) as tmp, open(tmp, "w") as f:
-                json.dump({"settings": self.settings}, f, indent=1)
+            files.write_json(record, {"settings": self.settings})
         done = np.zeros(self.settings["num_samples"], bool)
         for _, indices in self._parts():
             done[indices] = True
@@ -361,8 +309,9 @@ class SampleRun:
         if not self.writer:
             return
         path = os.path.join(self.parts_dir, f"part-{int(indices[0]):08d}-{len(indices)}.npz")
-        with _atomic(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=images, labels=labels, indices=indices)
+        files.atomic_write(
+            path, lambda f: np.savez(f, images=images, labels=labels, indices=indices)
+        )
 
     def finish(self, summary: dict, grid_columns: int | None, upscale: int) -> None:
         """Assemble OUT/samples.npz from the parts, write the grid and OUT/run.json, and
@@ -386,8 +335,9 @@ class SampleRun:
             save_npz(os.path.join(self.out, "samples.npz"), images, labels)
             grid = make_grid(images[: min(n, grid_count(images.shape[1]))], ncol=grid_columns)
             save_png(grid, os.path.join(self.out, "grid.png"), upscale=upscale)
-            with _atomic(os.path.join(self.out, self.RUN)) as tmp, open(tmp, "w") as f:
-                json.dump({"settings": self.settings, "summary": summary}, f, indent=1)
+            files.write_json(
+                os.path.join(self.out, self.RUN), {"settings": self.settings, "summary": summary}
+            )
             shutil.rmtree(self.parts_dir)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("sample-run-finish")
@@ -434,16 +384,12 @@ def sample_from_workdir(
     (sizes or a string like '(2,4,1)'; default every device, data parallel); the weights
     are restored onto it whatever mesh wrote them.
     """
-    import ml_collections
-
-    from dydit_jax import checkpoint as ckpt_lib
-    from dydit_jax import dynamic as dynamic_lib
-    from dydit_jax import models, train_lib
 
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     if sampler is not None:
-        check_sampler(sampler, None)  # before --out is created (the model is built later)
+        # before --out is created (the model is built later)
+        diffusion_lib.check_sampler(sampler, None)
     dynamic_flag = dynamic
     if isinstance(mesh_shape, str):
         mesh_shape = parallel.parse_mesh_shape(mesh_shape)
@@ -476,7 +422,7 @@ def sample_from_workdir(
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     diffusion_lib.space_timesteps(config.diffusion_steps, sampling_steps)  # validates
-    model_config = train_lib.validate_config(config, training=False)
+    model_config = config_lib.validate_config(config, training=False)
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
     if dynamic is None:
         dynamic = sample_cfg.get("dynamic", True)
@@ -495,7 +441,7 @@ def sample_from_workdir(
             "s" if len(given) > 1 else "", workdir, config.model,
         )
     dynamic = dynamic and isinstance(model_config, models.DyDiTConfig)
-    engine_opts = train_lib.engine_options(
+    engine_opts = config_lib.engine_options(
         sample_cfg, token_capacity=token_capacity, width_multiple=width_multiple,
         layers_per_call=layers_per_call,
     )
@@ -533,13 +479,14 @@ def sample_from_workdir(
     report = None
     with jax.set_mesh(mesh):
         if len(todo):
-            _, _, parts, weights = train_lib.restore_weights(
+            _, _, parts, weights = model_parts.restore_weights(
                 workdir, mesh, item=item, step=step
             )
             parts, weights = inference_form(parts, weights, mesh, config.get("sharding_rules"))
             options = dict(
                 mesh=mesh, sampling_steps=sampling_steps, sampler=sampler,
                 cfg_scale=cfg_scale, guided_channels=guided_channels,
+                compiler_options=config.get("compiler_options"),
             )
             if dynamic:
                 engine = dynamic_lib.DyDiTEngine(parts, weights, **options, **engine_opts)
@@ -557,11 +504,10 @@ def sample_from_workdir(
                 run.add(idx, to_uint8(x), label_array[idx])
             report = engine.report() if engine is not None else None
             if jax.process_index() == 0 and report is not None:
-                with _atomic(os.path.join(out, "dynamic.json")) as tmp, open(tmp, "w") as f:
-                    json.dump(
-                        report | {"plan": engine.plan.summary(engine.width_multiple)}, f,
-                        indent=1,
-                    )
+                files.write_json(
+                    os.path.join(out, "dynamic.json"),
+                    report | {"plan": engine.plan.summary(engine.width_multiple)},
+                )
     summary = {
         "step": step,
         "num_samples": num_samples,
@@ -589,8 +535,6 @@ class LatentDecoder:
     RGB function sharded like the samples; `factor` is its upsampling."""
 
     def __init__(self, path: str, model_config):
-        from dydit_jax import vae as vae_lib
-
         if not os.path.isdir(path):
             raise ValueError(
                 f"--vae {path}: no such directory; write one with python -m dydit_jax.convert "
@@ -606,6 +550,4 @@ class LatentDecoder:
         self.factor = self.model.config.downsample_factor
 
     def __call__(self, mesh):
-        from dydit_jax import vae as vae_lib
-
         return vae_lib.ShardedVAE(self.model, mesh).decode_latents

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import logging
 import math
 import os
@@ -120,8 +121,6 @@ def quiet_absent_tpu() -> None:
 
 
 def libtpu_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("libtpu") is not None
 
 
@@ -132,7 +131,8 @@ def devices(topology: Topology) -> list:
             "compiling for a TPU topology needs libtpu: pip install -e '.[tpu]' "
             "(or pip install \"jax[tpu]\" at the installed jax version)"
         )
-    from jax.experimental import topologies
+
+    from jax.experimental import topologies  # loads libtpu, only for a topology
 
     kwargs = {}
     if topology.chips < topology.chip.chips_per_host:  # a slice smaller than one host

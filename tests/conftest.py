@@ -49,6 +49,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "faults: fault injection and bad-input tests")
+    config.addinivalue_line("markers", "slow: takes more than ~25 s in a fresh clone; started "
+                            "first where no measured durations exist")
     # Under xdist, hand out one test at a time (default: chunks of a quarter of each worker's
     # share), so that the slow tests, collected first below, run in parallel at the start
     # instead of queueing behind each other on one worker at the end.
@@ -56,45 +58,54 @@ def pytest_configure(config):
         config.option.maxschedchunk = 1
 
 
-# The slowest tests (seconds in a fresh clone's run: cold compilation cache, 2 workers on 2
-# cores), started first. xdist keeps two tests queued per worker: the first worker gets the
-# first two, the second the next two, so those are paired to take about as long.
-SLOW_FIRST = (
-    "test_plan.py::test_per_chip_memory_stays_flat_from_4_to_16_chips[udit",  # ~190
-    "test_mesh_contract.py::test_loss_and_every_gradient_leaf_match_one_device[U-DiT 8",  # ~240
-    "test_mesh_contract.py::test_loss_and_every_gradient_leaf_match_one_device[U-DiT 16",  # ~240
-    "test_experiments.py::test_tiny_digits_paper",  # ~170
-    "test_multiprocess.py::test_two_processes_match_one",  # ~90
-    "test_udit.py::test_training_on_digits",  # ~180
-    "test_training_faults.py::test_kill_9",  # ~160
-    "test_dydit.py::test_finetuning_moves",  # ~70
-    "test_training_faults.py::test_sigterm",  # ~35
-    "test_sample.py::test_a_killed_sampling_process",  # ~40
-    "test_sampling_loop.py::test_the_compiled_loop_equals_the_step_by_step_loop[U-DiT",  # ~50
-    "test_train.py::test_train_steps_lower_the_loss",  # ~40
-    "test_multiprocess.py::test_sigterm",  # ~26
-    "test_dynamic.py::test_sample_py_runs_the_engine",  # ~57 with set-up
-)
+# Order: the slow tests start first, so that they run side by side at the start instead of
+# queueing behind each other on one worker at the end. The order comes from measurement: each
+# run records every test's duration in pytest's cache (.pytest_cache) and the next run starts
+# the longest first; a fresh clone, with no record yet, starts the tests marked
+# `@pytest.mark.slow`. The summary names unmarked tests that took longer than SLOW_SECONDS.
+SLOW_SECONDS = 25.0
+DURATIONS_KEY = "dydit/durations"
+DURATIONS: dict[str, float] = {}
+MARKED_SLOW: set[str] = set()
 
 
 def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        for i, name in enumerate(SLOW_FIRST):
-            if name in item.nodeid:
-                return i
-        return len(SLOW_FIRST)
+    cache = getattr(config, "cache", None)
+    measured = cache.get(DURATIONS_KEY, {}) if cache else {}
 
-    items.sort(key=rank)  # stable: the rest keep pytest's order
+    def rank(item):
+        marked = 2 * SLOW_SECONDS if item.get_closest_marker("slow") else 0.0
+        return -measured.get(item.nodeid, marked)
+
+    items.sort(key=rank)  # stable: ties keep pytest's order
 
 
 def pytest_runtest_logreport(report):
+    DURATIONS[report.nodeid] = DURATIONS.get(report.nodeid, 0.0) + report.duration
+    if "slow" in report.keywords:
+        MARKED_SLOW.add(report.nodeid)
     if report.when == "call":
         for name, value in report.user_properties:
             if name.startswith("fault:"):
                 FAULT_COUNTS[name[6:]] = FAULT_COUNTS.get(name[6:], 0) + int(value)
 
 
+def pytest_sessionfinish(session):
+    cache = getattr(session.config, "cache", None)
+    if cache and DURATIONS and not hasattr(session.config, "workerinput"):  # the controller
+        merged = cache.get(DURATIONS_KEY, {}) | DURATIONS
+        cache.set(DURATIONS_KEY, {k: round(v, 2) for k, v in merged.items()})
+
+
 def pytest_terminal_summary(terminalreporter):
+    unmarked = sorted((d, n) for n, d in DURATIONS.items()
+                      if d > SLOW_SECONDS and n not in MARKED_SLOW)
+    if unmarked:
+        listed = ", ".join(f"{n} ({d:.0f} s)" for d, n in unmarked[::-1][:8])
+        terminalreporter.write_line(
+            f"slower than {SLOW_SECONDS:.0f} s and not marked @pytest.mark.slow (a fresh clone "
+            f"starts the marked ones first): {listed}"
+        )
     if FAULT_COUNTS:
         counts = ", ".join(f"{name}: {n}" for name, n in sorted(FAULT_COUNTS.items()))
         terminalreporter.write_line(f"fault report: {counts}")

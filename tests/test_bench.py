@@ -62,20 +62,3 @@ def test_torch_reference_forward_and_train_rows(capsys):
     speedups = dict(item.split("=") for item in out[-1].split())
     assert set(speedups) == {"speedup_forward_float32", "speedup_train_float32"}
     assert all(float(v) > 0 for v in speedups.values())
-
-
-def test_xla_cpu_options_rows(capsys):
-    """bench/xla_cpu_options.py: both executables are built as intended (it checks the
-    compiled programs) and both measurements get a ratio."""
-    spec = importlib.util.spec_from_file_location(
-        "xla_cpu_options", os.path.join(REPO, "bench", "xla_cpu_options.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    results = module.main(["--model=DiT-S/2", "--override=depth=1", "--batch=2", "--iters=1",
-                           "--image_size=16"])
-    assert set(results) == {"forward", "train step", "forward_max_diff"}
-    assert results["forward_max_diff"] < 1e-4 and results["forward"] > 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("machine: ")
-    assert out[-1].startswith("speedup_forward=")

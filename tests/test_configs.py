@@ -12,10 +12,10 @@ from absl import flags
 from jax.sharding import PartitionSpec
 from ml_collections import config_flags
 
-from dydit_jax import memory, models, train_lib
+from dydit_jax import config_lib, memory, model_parts, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-XL2_PARAMS = 674_834_720  # specs/DIT.md: DiT-XL/2 without the fixed position table
+XL2_PARAMS = 674_834_720  # docs/dit.md: DiT-XL/2 without the fixed position table
 
 
 def load(name: str, variant: str | None = None):
@@ -42,7 +42,7 @@ DIT_VARIANTS = [n.removeprefix("DiT-") for n in models.model_names("DiT")]
 @pytest.mark.parametrize("res, latent", [(None, 32), (256, 32), (512, 64)])
 def test_dit_config_variants_are_valid(variant, res, latent):
     config = load("dit.py", variant if res is None else f"{variant},{res}")
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     assert config.model == f"DiT-{variant}"
     assert config.image_size == latent == model_config.input_size
     assert (model_config.in_channels, model_config.num_classes) == (4, 1000)
@@ -65,7 +65,7 @@ def test_dit_config_unknown_variant(bad):
 @pytest.mark.parametrize("variant", [None, "default", "tiny"])
 def test_digits_config_still_loads(variant):
     config = load("digits.py", variant)
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     assert config.dataset == "digits" and model_config.in_channels == 1
 
 
@@ -93,7 +93,7 @@ def test_memory_plan_replicated(xl2):
 
 def expected_fsdp_bytes(config, fsdp: int) -> int:
     """Independent count: a leaf is split over fsdp iff its 'embed' dim divides by fsdp."""
-    _, shapes, logical = train_lib.abstract_model(train_lib.validate_config(config))
+    _, shapes, logical = model_parts.abstract_model(config_lib.validate_config(config))
     total = 0
     for spec, x in zip(
         jax.tree.leaves(logical, is_leaf=lambda s: isinstance(s, PartitionSpec)),
@@ -188,7 +188,7 @@ def test_every_model_field_is_overridable_on_every_config(config_file, overrides
         parsed = {"true": True, "false": False}.get(value) if kind is bool else kind(value)
         setattr(config.model_overrides, key, parsed)
     config.init_from = ""
-    model_config = train_lib.validate_config(config, training=False)
+    model_config = config_lib.validate_config(config, training=False)
     for override in overrides:
         name, value = override.split("=")
         got = getattr(model_config, name)
@@ -198,9 +198,9 @@ def test_every_model_field_is_overridable_on_every_config(config_file, overrides
 
 def test_unset_model_overrides_change_nothing():
     config = load("dit.py", "XL/2")
-    assert train_lib.active_overrides(config) == {
+    assert config_lib.active_overrides(config) == {
         "dtype": "bfloat16", "attention": "xla", "remat": "none", "scan_blocks": True}
-    assert train_lib.model_config_from(config).depth == 28
+    assert config_lib.model_config_from(config).depth == 28
 
 
 def test_a_config_key_typo_gets_the_closest_names():

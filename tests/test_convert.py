@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dydit_jax import convert, sample_lib, train_lib
+from dydit_jax import config_lib, convert, sample_lib
 from dydit_jax.checkpoint import read_meta
 from dydit_jax.models import create_model, layers
 
@@ -74,7 +74,7 @@ def tiny(kind, **overrides):
 
 
 def reference_shapes(kind, size, patch, latent, classes=1000, router_logits=None):
-    """Shapes only (no memory) of a reference checkpoint, from the layout in the specs."""
+    """Shapes only (no memory) of a reference checkpoint, from the layout in docs/dit.md."""
     depth, d, heads = {"S": (12, 384, 6), "B": (12, 768, 12), "XL": (28, 1152, 16)}[size]
     n = (latent // patch) ** 2
     s = {
@@ -191,7 +191,7 @@ def test_router_size_fitting_no_layout_is_refused():
 def test_arch_inferred_from_shapes(kind, size, patch, latent, k, name, layout):
     shapes = reference_shapes(kind, size, patch, latent, router_logits=k)
     if (kind, size) == ("dit", "XL"):
-        assert len(shapes) == 292  # specs/DIT.md
+        assert len(shapes) == 292  # docs/dit.md
     got, config = convert.infer_config(kind, shapes)
     assert got == name
     assert (config.input_size, config.patch_size, config.in_channels) == (latent, patch, 4)
@@ -321,7 +321,7 @@ def test_write_workdir_then_sample(tmp_path):
     _, meta = read_meta(dst)
     assert meta["model"] == arch and meta["step"] == 0
     assert meta["config"]["model_overrides"] == TINY | {"router_layout": "all"}
-    assert train_lib.validate_config(ml_collections.ConfigDict(meta["config"])) == config
+    assert config_lib.validate_config(ml_collections.ConfigDict(meta["config"])) == config
     out = str(tmp_path / "out")
     sample_lib.sample_from_workdir(
         dst, out, num_samples=2, sampling_steps="2", cfg_scale=1.0, progress=False
@@ -382,7 +382,7 @@ def test_cli_converts_a_registry_model(tmp_path):
 
 
 def np_pos_embed(d, grid):
-    """specs/DIT.md: the column coordinate fills the first half; [sin, cos]; float64."""
+    """docs/dit.md: the column coordinate fills the first half; [sin, cos]; float64."""
     omega = 1.0 / 10000 ** (np.arange(d // 4, dtype=np.float64) / (d / 4))
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
     half = lambda pos: np.concatenate([np.sin(np.outer(pos, omega)),

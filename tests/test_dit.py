@@ -1,5 +1,5 @@
 """DiT: parameter counts, position/timestep embeddings, and the forward against an
-independent numpy implementation of the reference layout (specs/DIT.md)."""
+independent numpy implementation of the reference layout (docs/dit.md)."""
 
 import math
 

@@ -183,28 +183,31 @@ def test_gumbel_sigmoid_hard_values_and_eval_threshold():
     np.testing.assert_allclose(np.asarray(train.mean(0)), jax.nn.sigmoid(logits), atol=0.04)
 
 
+@pytest.mark.slow
 def test_finetuning_moves_the_flops_ratio_toward_lambda():
+    from dydit_jax import config_lib, model_parts, parallel, update_step
     from dydit_jax import data as data_lib
-    from dydit_jax import parallel, train_lib
     from tests.helpers import tiny_config
 
     config = tiny_config(model="DyDiT-S/2", learning_rate=3e-3, warmup_steps=0)
     config.model_overrides.update(hidden_size=64, num_heads=4)
     config.dydit.update(lambda_target=0.5, hold_steps=5, warmup_steps=60)
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     mesh = parallel.make_mesh(config.mesh_shape)
     ratios = []
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(model_config, mesh, seed=0)
-        tx = train_lib.make_optimizer(config)
-        state = train_lib.init_state(parts, tx, mesh)
-        step = train_lib.make_train_step(parts, tx, config, mesh)
+        parts = model_parts.build_model(model_config, mesh, seed=0)
+        tx = update_step.make_optimizer(config)
+        state = update_step.init_state(parts, tx, mesh)
+        step = update_step.make_train_step(parts, tx, config, mesh)
         batches = data_lib.make_batches(data_lib.load_source(config), global_batch_size=32, seed=0)
         for i in range(150):
             state, metrics = step(state, parallel.global_batch(batches[i], mesh))
             ratios.append(float(metrics["flops_ratio"]))
         batch = parallel.global_batch(batches[0], mesh)
-        evaluated = train_lib.eval_flops_ratio(parts, state.params, batch["image"], batch["label"])
+        evaluated = update_step.eval_flops_ratio(
+            parts, state.params, batch["image"], batch["label"]
+        )
     assert 0.2 < evaluated < 0.9, evaluated  # the hard eval masks also cut computation
     assert ratios[0] > 0.95  # routers start with everything on
     assert abs(np.mean(ratios[-10:]) - 0.5) < 0.15, ratios[::10]
@@ -213,13 +216,13 @@ def test_finetuning_moves_the_flops_ratio_toward_lambda():
 
 def test_dydit_configs_cover_the_paper_grid():
     from configs.dydit import LAMBDAS, get_config
-    from dydit_jax import train_lib
+    from dydit_jax import config_lib
 
     for size, lambdas in LAMBDAS.items():
         for lam in lambdas:
             config = get_config(f"{size}/2,{lam}")
             config.init_from = ""
-            model_config = train_lib.validate_config(config)
+            model_config = config_lib.validate_config(config)
             assert config.model == f"DyDiT-{size}/2" and config.dydit.lambda_target == lam
             assert model_config.num_classes == 1000 and model_config.input_size == 32
     # the release's scripts: train0.5.sh (stage 1 to 30k, stage 2 to 200k, clip_max_norm

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dydit_jax import flops, parallel, sample_lib, train_lib
+from dydit_jax import config_lib, flops, model_parts, parallel, sample_lib, train_lib
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.dynamic import DyDiTEngine, parse_capacity, width_plan
 from dydit_jax.dynamic.plan import merge_shapes
@@ -24,7 +24,7 @@ def random_dydit(seed=0, layout="first_on"):
     off across timesteps (bias ~0); the output layer is scaled down so samples stay O(1)."""
     config = model_config("DyDiT-S/2", router_layout=layout, **TINY)
     mesh = parallel.make_mesh((-1, 1, 1))
-    parts = train_lib.build_model(config, mesh, seed=0, rules=None, init_params=False)
+    parts = model_parts.build_model(config, mesh, seed=0, rules=None, init_params=False)
     rng = np.random.default_rng(seed)
     params = jax.tree.map(
         lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32), parts.param_shapes
@@ -83,7 +83,7 @@ def test_engine_runs_a_dydit_trained_with_scan_over_blocks():
 
     parts, params, mesh = random_dydit()
     scan_config = dataclasses.replace(parts.config, scan_blocks=True)
-    scan_parts = train_lib.build_model(scan_config, mesh, init_params=False)
+    scan_parts = model_parts.build_model(scan_config, mesh, init_params=False)
     blocks = [params["blocks"][i] for i in range(parts.config.depth)]
     stacked = {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
     stacked = jax.device_put(stacked, scan_parts.param_shardings)
@@ -273,7 +273,7 @@ def test_capacity_specs_and_bad_values():
     config = tiny_config()
     config.sample.width_multiple = 0
     with pytest.raises(ValueError, match="width_multiple"):
-        train_lib.validate_config(config)
+        config_lib.validate_config(config)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +285,7 @@ def dydit_workdir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_sample_py_runs_the_engine_for_dydit(dydit_workdir, tmp_path):
     common = [f"--workdir={dydit_workdir}", "--num_samples=8", "--sampling_steps=4"]
     proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'engine'}",

@@ -436,3 +436,19 @@ def test_reference_with_precomputed_statistics(digits_workdir, tmp_path):
     np.savez(tmp_path / "R.npz", train[300:], **{k: v[:10] for k, v in stored.items()})
     with pytest.raises(EvalInputError, match="same feature extractor"):
         ev.evaluate_files(str(tmp_path / "S.npz"), str(tmp_path / "R.npz"), extractor)
+
+
+def test_without_tensorflow_the_inception_path_names_the_imagenet_extra(tmp_path, monkeypatch):
+    import sys
+
+    from dydit_jax.data import extract_latents
+    from dydit_jax.eval.features import InceptionGraph
+
+    graph = tmp_path / "graph.pb"
+    graph.write_bytes(b"not read")
+    for name in ("tensorflow", "tensorflow_datasets"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(EvalInputError, match=r"pip install -e '\.\[imagenet\]'"):
+        InceptionGraph(str(graph))
+    with pytest.raises(ValueError, match=r"pip install -e '\.\[imagenet\]'"):
+        extract_latents.open_source("tfds:imagenet2012")

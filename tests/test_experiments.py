@@ -4,11 +4,13 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dydit_jax.experiments import digits_paper
 
 
+@pytest.mark.slow
 def test_tiny_digits_paper_run_writes_table_plot_and_resumes(tmp_path, capsys):
     workdir = str(tmp_path / "paper")
     assert digits_paper.main([f"--workdir={workdir}", "--scale=tiny", "--lambdas=0.5"]) == 0

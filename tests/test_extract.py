@@ -109,7 +109,7 @@ def files_of(d):
 
 
 def reference_crop(image, s):
-    """The crop as specs/DIT.md words it, one step at a time."""
+    """The crop as docs/dit.md words it, one step at a time."""
     w, h = image.size
     while min(w, h) >= 2 * s:
         w, h = w // 2, h // 2

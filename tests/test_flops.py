@@ -1,5 +1,5 @@
 """Analytic MACs against the DiT / DyDiT tables, and the DyDiT FLOPs ratio, loss and lambda
-schedule against hand-computed values (specs/DIT.md, specs/DYDIT.md)."""
+schedule against hand-computed values (docs/dit.md, docs/dydit.md)."""
 
 import math
 
@@ -38,7 +38,7 @@ DIT_TABLE = {
 }
 # DyDiT paper's baselines (lambda = 1.0 rows).
 DYDIT_BASELINES = {"DiT-S/2": 6.07, "DiT-B/2": 23.02, "DiT-XL/2": 118.69}
-# specs/DYDIT.md, N = 256, in GMACs.
+# docs/dydit.md, N = 256, in GMACs.
 SPEC_AM = {"S": (384, 0.2013, 0.3020), "B": (768, 0.7046, 1.2080), "XL": (1152, 1.5099, 2.7179)}
 
 

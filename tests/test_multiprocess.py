@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import portpicker
+import pytest
 
 from dydit_jax import checkpoint as ckpt_lib
 from dydit_jax import data as data_lib
@@ -35,6 +36,7 @@ def write_shards(path, n=64):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     write_shards(tmp_path / "shards")
     config = latent_config(tmp_path / "shards")

@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import config_lib, model_parts, parallel, train_lib, update_step
 from dydit_jax import data as data_lib
-from dydit_jax import parallel, train_lib
 from tests.helpers import tiny_config
 
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
@@ -17,14 +17,14 @@ MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
 
 def train_steps(config, mesh, num_steps=3, params=None):
     """(losses, final state, parts) of `num_steps` steps on digits under `mesh`."""
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(model_config, mesh, seed=0, rules=config.sharding_rules)
+        parts = model_parts.build_model(model_config, mesh, seed=0, rules=config.sharding_rules)
         if params is not None:
             parts.params = jax.device_put(params, parts.param_shardings)
-        tx = train_lib.make_optimizer(config)
-        state = train_lib.init_state(parts, tx, mesh)
-        step = train_lib.make_train_step(parts, tx, config, mesh)
+        tx = update_step.make_optimizer(config)
+        state = update_step.init_state(parts, tx, mesh)
+        step = update_step.make_train_step(parts, tx, config, mesh)
         batches = data_lib.make_batches(
             data_lib.load_source(config), global_batch_size=config.global_batch_size, seed=0
         )
@@ -102,13 +102,13 @@ def test_training_names_the_parameters_that_stay_whole_on_every_chip(caplog):
     config = model_config("DiT-S/2", input_size=8, in_channels=1, num_classes=10,
                           hidden_size=1004, num_heads=4, depth=1)  # 1004 % 8 != 0
     with caplog.at_level("WARNING"):
-        train_lib.log_replicated(config, parallel.make_mesh((1, 8, 1)), None)
+        model_parts.log_replicated(config, parallel.make_mesh((1, 8, 1)), None)
     text = caplog.text
     assert "whole on every chip" in text and "fsdp=8" in text
     assert "['attn']['qkv']['kernel']" in text  # (1004, 3012): nothing divisible by 8
     caplog.clear()
     with caplog.at_level("WARNING"):
-        train_lib.log_replicated(config, parallel.make_mesh((8, 1, 1)), None)
+        model_parts.log_replicated(config, parallel.make_mesh((8, 1, 1)), None)
     assert "whole on every chip" not in caplog.text  # no fsdp axis: replication is the plan
 
 
@@ -143,11 +143,11 @@ def test_restore_onto_another_mesh(tmp_path, save_mesh, restore_devices, restore
     saver.close()
 
     mesh = parallel.make_mesh(restore_mesh, devices=jax.devices()[:restore_devices])
-    model_config = train_lib.validate_config(config)
-    parts = train_lib.build_model(model_config, mesh, init_params=False)
-    tx = train_lib.make_optimizer(config)
-    shardings = train_lib.state_shardings(parts, tx, mesh)
-    targets = train_lib.restore_targets(parts, tx, mesh)
+    model_config = config_lib.validate_config(config)
+    parts = model_parts.build_model(model_config, mesh, init_params=False)
+    tx = update_step.make_optimizer(config)
+    shardings = update_step.state_shardings(parts, tx, mesh)
+    targets = update_step.restore_targets(parts, tx, mesh)
     targets = {name: targets[name] for name in ("params", "opt_state")}
     step, items, _ = ckpt_lib.Checkpointer(str(tmp_path), create=False).restore(targets)
     assert step == 2
@@ -183,7 +183,7 @@ def float32_run():
     mesh = parallel.make_mesh((-1, 1, 1))
     config = config_for_mesh()
     with jax.set_mesh(mesh):
-        init = train_lib.build_model(train_lib.validate_config(config), mesh, seed=0).params
+        init = model_parts.build_model(config_lib.validate_config(config), mesh, seed=0).params
     losses, _, _ = train_steps(config, mesh, num_steps=4)
     return jax.device_get(init), losses
 
@@ -220,7 +220,7 @@ def test_few_tokens_per_sample_on_a_3d_mesh():
     for mesh in (parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
                  parallel.make_mesh((2, 2, 2))):
         with jax.set_mesh(mesh):
-            parts = train_lib.build_model(config, mesh, seed=0)
+            parts = model_parts.build_model(config, mesh, seed=0)
             params = jax.tree.map(  # adaLN and the final layer start at zero: perturb all
                 lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
                 parts.params,

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from configs import digits, dydit, udit
-from dydit_jax import parallel, plan, tpu, train_lib
+from dydit_jax import config_lib, parallel, plan, tpu
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.skipif(not tpu.libtpu_installed(), reason="needs the tpu extra")
@@ -28,7 +28,7 @@ def tiny(name: str, per_chip: int, chips: int, mesh=(1, -1, 1), **model):
     if name == "dydit":
         config.model_overrides.update(depth=2, hidden_size=64, num_heads=2)
     if name == "udit":  # the XLA depthwise form compiles fastest; no tensor axis here
-        config.model_overrides.update(depthwise="xla")
+        config.model_overrides.update(depthwise="xla", hidden_size=16, depth_latent=1)
     config.model_overrides.update(**model)
     config.global_batch_size = per_chip * chips
     config.mesh_shape = mesh
@@ -64,9 +64,9 @@ def test_topology_names_as_users_write_them():
 @pytest.mark.parametrize("name,model", [
     ("dit", {"scan_blocks": True, "remat": "none"}),
     ("dit", {"scan_blocks": False, "remat": "full"}),
-    ("dydit", {"scan_blocks": True, "remat": "dots"}),
-    ("dydit", {}),
-    ("udit", {}),
+    pytest.param("dydit", {"scan_blocks": True, "remat": "dots"}, marks=pytest.mark.slow),
+    pytest.param("dydit", {}, marks=pytest.mark.slow),
+    pytest.param("udit", {}, marks=pytest.mark.slow),
 ])
 def test_per_chip_memory_stays_flat_from_4_to_16_chips(name, model):
     """Same images per chip on 4 chips (one host) and 16 (four hosts): every program
@@ -99,7 +99,7 @@ def test_fsdp_gathers_parameters_and_data_parallel_does_not():
 
 def test_a_step_built_for_a_mesh_compiles_the_same_with_or_without_an_ambient_mesh():
     config = tiny("dit", 4, 16)
-    model_config = train_lib.validate_config(config, training=False)
+    model_config = config_lib.validate_config(config, training=False)
     mesh = parallel.make_mesh(config.mesh_shape, devices=tpu.devices(
         tpu.parse_topology("v5e:4x4")))
     step, state, batch = plan.train_step_and_args(config, model_config, mesh)
@@ -119,6 +119,7 @@ def test_a_program_that_cannot_fit_is_reported_not_raised():
     assert program["bytes_per_chip"] > report["hbm_bytes_per_chip"]
 
 
+@pytest.mark.slow
 def test_the_command_line_writes_the_report(tmp_path):
     out = tmp_path / "plan.json"
     proc = subprocess.run(
@@ -152,6 +153,7 @@ def test_the_command_line_writes_the_report(tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown TPU topology")
 
 
+@pytest.mark.slow
 def test_search_lists_the_settings_that_fit_best_ceiling_first():
     config = tiny("dit", 4, 16)
     results = plan.search(config, "v5e:4x4", batches=(4,), remats=("none", "full"),

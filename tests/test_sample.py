@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dydit_jax import checkpoint as ckpt_lib
-from dydit_jax import parallel, sample_lib, train_lib
+from dydit_jax import config_lib, model_parts, parallel, sample_lib, train_lib
 from tests.helpers import run_entry_point, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +137,7 @@ def test_latent_samples_are_decoded_with_the_vae(workdir, tmp_path):
     # = the VAE's decode of the model's own samples
     mesh = parallel.make_mesh((-1, 1, 1))
     with jax.set_mesh(mesh):
-        _, run_config, parts, weights = train_lib.restore_weights(workdir, mesh)
+        _, run_config, parts, weights = model_parts.restore_weights(workdir, mesh)
         sampler = sample_lib.make_batch_sampler(
             parts, mesh=mesh, sampling_steps="2", cfg_scale=run_config.sample.cfg_scale,
             guided_channels=run_config.sample.guided_channels,
@@ -159,6 +159,7 @@ def test_latent_samples_are_decoded_with_the_vae(workdir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_a_killed_sampling_process_resumes(workdir, tmp_path):
     # kill -9 sample.py once its first batch is on disk; the same command then completes
     # with exactly N images, each once, equal to an uninterrupted run's
@@ -212,7 +213,8 @@ def sample_with_devices(workdir, out, devices, *extra):
 
 
 @pytest.mark.parametrize("model,train_mesh", [
-    ("DiT-S/2", (2, 4, 1)), ("DiT-S/2", (1, 2, 4)), ("DyDiT-S/2", (1, 2, 4)),
+    ("DiT-S/2", (2, 4, 1)), ("DiT-S/2", (1, 2, 4)),
+    pytest.param("DyDiT-S/2", (1, 2, 4), marks=pytest.mark.slow),
 ])
 def test_a_run_trained_on_8_devices_samples_on_1_and_on_8(tmp_path, model, train_mesh):
     # sampling picks its own mesh from the devices present, never the training run's
@@ -245,7 +247,7 @@ def test_mesh_shape_flag(workdir, tmp_path):
 
 def test_training_on_another_device_count_says_how_to_override():
     with pytest.raises(ValueError, match=r"--config.mesh_shape='\(-1,1,1\)'"):
-        train_lib.validate_config(tiny_config(mesh_shape=(2, 8, 1)))
+        config_lib.validate_config(tiny_config(mesh_shape=(2, 8, 1)))
 
 
 def test_random_labels_are_the_reference_protocol():

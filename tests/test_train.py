@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import config_lib, model_parts, parallel, sample_lib, train_lib, update_step
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import parallel, train_lib
 from tests.helpers import run_entry_point, tiny_config
 
 
@@ -25,15 +25,16 @@ def fixed_loss(parts, params, images, labels):
     return float(terms["loss"].mean())
 
 
+@pytest.mark.slow
 def test_train_steps_lower_the_loss_on_digits():
     config = tiny_config(learning_rate=2e-3, warmup_steps=0, global_batch_size=64)
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     mesh = parallel.make_mesh(config.mesh_shape)
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(model_config, mesh, seed=0)
-        tx = train_lib.make_optimizer(config)
-        state = train_lib.init_state(parts, tx, mesh)
-        step = train_lib.make_train_step(parts, tx, config, mesh)
+        parts = model_parts.build_model(model_config, mesh, seed=0)
+        tx = update_step.make_optimizer(config)
+        state = update_step.init_state(parts, tx, mesh)
+        step = update_step.make_train_step(parts, tx, config, mesh)
         source = data_lib.load_source(config)
         batches = data_lib.make_batches(source, global_batch_size=64, seed=0)
         images, labels = jnp.asarray(source.images[:256]), jnp.asarray(source.labels[:256])
@@ -117,11 +118,11 @@ def test_init_from_restacks_blocks_between_scanned_and_per_layer_runs(tmp_path, 
         tiny_config(num_steps=1, sample_every_steps=0,
                     **{"model_overrides.scan_blocks": dit_scan}), dit_dir)
     config = tiny_config(model="DyDiT-S/2", **{"model_overrides.scan_blocks": not dit_scan})
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     mesh = parallel.make_mesh(config.mesh_shape)
-    parts = train_lib.build_model(model_config, mesh)
-    params = train_lib.initial_weights(parts, dit_dir, mesh)
-    _, _, _, source = train_lib.restore_weights(dit_dir, mesh)
+    parts = model_parts.build_model(model_config, mesh)
+    params = model_parts.initial_weights(parts, dit_dir, mesh)
+    _, _, _, source = model_parts.restore_weights(dit_dir, mesh)
     fc1 = lambda p, i: (p["blocks"]["mlp"]["fc1"]["kernel"][i] if 0 not in p["blocks"]
                         else p["blocks"][i]["mlp"]["fc1"]["kernel"])
     for i in range(model_config.depth):
@@ -152,40 +153,40 @@ def test_train_cli_reports_bad_input_without_traceback(tmp_path):
 
 
 def test_base_config_is_the_dit_recipe():
-    c = train_lib.base_config()
+    c = config_lib.base_config()
     recipe = (c.learning_rate, c.weight_decay, c.ema_decay, c.label_dropout)
     assert recipe == (1e-4, 0.0, 0.9999, 0.1)
     assert (c.warmup_steps, c.grad_clip_norm, c.global_batch_size) == (0, 0.0, 256)
     assert (c.sample.steps, c.sample.guided_channels) == ("250", 3)
-    tx = train_lib.make_optimizer(c)
+    tx = update_step.make_optimizer(c)
     params = {"w": jnp.ones(3)}
     updates, _ = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -1e-4, rtol=1e-4)  # Adam's first step is -lr*sign
 
 
 def test_learning_rate_schedules():
-    config = train_lib.base_config()
+    config = config_lib.base_config()
     config.update(learning_rate=1.0, warmup_steps=10, num_steps=110, lr_schedule="cosine")
-    sched = train_lib.learning_rate_schedule(config)
+    sched = update_step.learning_rate_schedule(config)
     np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
     np.testing.assert_allclose(sched(60), 0.5, atol=1e-6)  # half way through the cosine
     np.testing.assert_allclose(sched(110), 0.0, atol=1e-6)
     config.lr_schedule = "constant"
-    np.testing.assert_allclose(train_lib.learning_rate_schedule(config)(100), 1.0)
+    np.testing.assert_allclose(update_step.learning_rate_schedule(config)(100), 1.0)
     config.lr_schedule = "linear-ish"
     with pytest.raises(ValueError, match="lr_schedule"):
-        train_lib.validate_config(config)
+        config_lib.validate_config(config)
 
 
 def test_a_gradient_norm_at_the_skip_threshold_skips_the_whole_update():
     # The DyDiT release's clip_max_norm: the update is applied only below the threshold;
     # otherwise params, EMA and AdamW state stay bit-identical and the step is counted.
     config = tiny_config(warmup_steps=0, global_batch_size=16)
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     mesh = parallel.make_mesh(config.mesh_shape)
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(model_config, mesh, seed=0)
-        tx = train_lib.make_optimizer(config)
+        parts = model_parts.build_model(model_config, mesh, seed=0)
+        tx = update_step.make_optimizer(config)
         batches = data_lib.make_batches(
             data_lib.load_source(config), global_batch_size=16, seed=0
         )
@@ -194,9 +195,9 @@ def test_a_gradient_norm_at_the_skip_threshold_skips_the_whole_update():
         for threshold in (1e-9, 1e9):
             config.grad_skip_norm = threshold
             parts.params = jax.tree.map(jnp.copy, initial)  # the step donates its state
-            state = train_lib.init_state(parts, tx, mesh)
+            state = update_step.init_state(parts, tx, mesh)
             before = jax.device_get((state.params, state.ema_params, state.opt_state))
-            step = train_lib.make_train_step(parts, tx, config, mesh)
+            step = update_step.make_train_step(parts, tx, config, mesh)
             new, metrics = step(state, batch)  # the state is donated
             after = jax.device_get((new.params, new.ema_params, new.opt_state))
             results[threshold] = (before, after, jax.device_get(metrics), int(new.step))
@@ -220,4 +221,53 @@ def test_a_gradient_norm_at_the_skip_threshold_skips_the_whole_update():
 
 def test_grad_skip_norm_must_not_be_negative():
     with pytest.raises(ValueError, match="grad_skip_norm must be >= 0"):
-        train_lib.validate_config(tiny_config(grad_skip_norm=-1.0))
+        config_lib.validate_config(tiny_config(grad_skip_norm=-1.0))
+
+
+def test_compiler_options_of_the_config_reach_xla_for_the_step_and_the_samplers():
+    """config.compiler_options go to every jit of the train step and the samplers (an option
+    XLA does not know is refused by XLA itself, which shows it got there); none by default."""
+    config = tiny_config(global_batch_size=8)
+    assert dict(config.compiler_options) == {}
+    config.compiler_options = {"xla_no_such_option_anywhere": "1"}
+    model_config = config_lib.validate_config(config)
+    mesh = parallel.make_mesh(config.mesh_shape)
+    with jax.set_mesh(mesh):
+        parts = model_parts.build_model(model_config, mesh, seed=0, init_params=False)
+        tx = update_step.make_optimizer(config)
+        shardings = update_step.state_shardings(parts, tx, mesh)
+        state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            jax.eval_shape(lambda: update_step.TrainState(
+                jnp.zeros((), jnp.int32), parts.param_shapes, parts.param_shapes,
+                tx.init(parts.param_shapes))), shardings)
+        batch = {"image": jax.ShapeDtypeStruct((8, 8, 8, 1), jnp.float32),
+                 "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+        step = update_step.make_train_step(parts, tx, config, mesh)
+        with pytest.raises(Exception, match="xla_no_such_option_anywhere"):
+            step.lower(state, batch).compile()
+        sampler = sample_lib.make_batch_sampler(
+            parts, mesh=mesh, sampling_steps="2", compiler_options=config.compiler_options)
+        rows = parallel.batch_sharding(mesh)
+        params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              parts.param_shapes, parts.param_shardings)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        labels = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=rows)
+        with pytest.raises(Exception, match="xla_no_such_option_anywhere"):
+            sampler.lower(params, key, labels, labels).compile()
+    config.compiler_options = {"xla_cpu_experimental_ynn_fusion_type": ["a"]}
+    with pytest.raises(ValueError, match="compiler_options.xla_cpu_experimental_ynn"):
+        config_lib.validate_config(config)
+
+
+def test_a_run_ends_with_a_one_line_summary(tmp_path, caplog):
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    caplog.set_level("INFO")
+    train_lib.train_and_evaluate(tiny_config(num_steps=4, sample_every_steps=0),
+                                 str(tmp_path / "run"))
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert len(done) == 1, [r.getMessage() for r in caplog.records]
+    assert "4 steps (0 to 4)" in done[0] and "final loss " in done[0]
+    assert done[0].endswith(os.path.join(str(tmp_path / "run"), "checkpoints", "4"))

@@ -1,4 +1,4 @@
-"""U-DiT (specs/UDIT.md): reshuffles and RoPE2D against numpy loops of the spec's formulas,
+"""U-DiT (docs/udit.md): reshuffles and RoPE2D against numpy loops of the spec's formulas,
 fused vs training form, the converter and the whole forward against an independent numpy
 implementation in the reference's NCHW layout, parameter counts and GFLOPs against the paper,
 configs, and training (loss goes down; 8 sharded devices = 1 device)."""
@@ -14,7 +14,16 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from dydit_jax import convert, flops, models, parallel, sample_lib, train_lib
+from dydit_jax import (
+    config_lib,
+    convert,
+    flops,
+    model_parts,
+    models,
+    parallel,
+    sample_lib,
+    update_step,
+)
 from dydit_jax import data as data_lib
 from dydit_jax import diffusion as diffusion_lib
 from dydit_jax.convert import __main__ as convert_cli
@@ -216,7 +225,7 @@ def test_bad_configs_are_refused():
 
 
 def reference_state_dict(config, seed=0):
-    """A random state_dict with the reference names and shapes (specs/UDIT.md), weights
+    """A random state_dict with the reference names and shapes (docs/udit.md), weights
     scaled by 1/sqrt(fan in) so that activations stay O(1)."""
     c, heads, classes = config.hidden_size, config.num_heads, config.num_classes
     shapes = {
@@ -393,7 +402,7 @@ def np_shuffle(x):
 
 
 def np_udit(sd, x, t, y, heads, vanilla):
-    """The whole reference forward (specs/UDIT.md "Forward"), NCHW, float64."""
+    """The whole reference forward (docs/udit.md "Forward"), NCHW, float64."""
     sd = {k: v.astype(np.float64) for k, v in sd.items()}
     half = 128
     freqs = np.exp(-math.log(10000) * np.arange(half) / half)
@@ -509,7 +518,7 @@ def test_cli_writes_a_fused_workdir(tmp_path):
     assert convert_cli.main(argv) == 0  # widths, heads and depths come from the shapes
     assert convert_cli.main(argv) == 2  # never overwrites a workdir
     mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    _, run_config, parts, weights = train_lib.restore_weights(str(dst), mesh)
+    _, run_config, parts, weights = model_parts.restore_weights(str(dst), mesh)
     assert parts.config == tiny_config(fused=True) and run_config.model == "U-DiT-S"
     _, want = convert.state_dict_to_params(
         "udit", sd, "U-DiT-S", input_size=INPUT, overrides={"fused": True}
@@ -539,7 +548,7 @@ def release_shapes(size):
     cfg = models.model_config("U-DiT-" + size, input_size=32, in_channels=4, num_classes=1000)
     params = convert.param_shapes(cfg)
     out = {}
-    for path, struct in convert._flatten(params).items():
+    for path, struct in convert.common.flatten(params).items():
         key = convert_udit.reference_name(path)
         shape = tuple(struct.shape)
         if len(shape) == 4:
@@ -554,7 +563,7 @@ def release_shapes(size):
 
 # ----------------------------------------------------------- parameter counts, GFLOPs
 
-# specs/UDIT.md: params (fused / training form) and GFLOPs at 256px; vanilla GFLOPs
+# docs/udit.md: params (fused / training form) and GFLOPs at 256px; vanilla GFLOPs
 PAPER = {
     "S": dict(fused=52.05, raw=58.90, gflops=6.04, unfused=7.15, vanilla=5.91),
     "B": dict(fused=204.43, raw=231.25, gflops=22.22, unfused=26.56, vanilla=21.96),
@@ -605,7 +614,7 @@ def test_gflops_at_512():
 ])
 def test_config_variants(variant, latent, steps, vanilla):
     config = load_config(variant)
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     assert isinstance(model_config, udit.UDiTConfig)
     assert model_config.input_size == config.image_size == latent
     assert (config.num_steps, model_config.vanilla) == (steps, vanilla)
@@ -622,7 +631,7 @@ def test_config_unknown_variant(bad):
 
 def test_digits_config_is_valid():
     config = load_config("digits")
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     assert config.dataset == "digits" and config.image_size == 8 == model_config.input_size
     assert data_lib.load_digits(16)[0].shape[1:] == (16, 16, 1)  # --config.image_size=16
 
@@ -646,17 +655,17 @@ def digits_config(**overrides):
 def train_steps(config, mesh, num_steps, keep_at=None, params=None):
     """(losses, final params, params after `keep_at` steps) of U-DiT steps on digits, from
     the given initial `params` (host arrays) or the seed-0 initialisation."""
-    model_config = train_lib.validate_config(config)
+    model_config = config_lib.validate_config(config)
     with jax.set_mesh(mesh):
-        parts = train_lib.build_model(
+        parts = model_parts.build_model(
             model_config, mesh, seed=0, rules=config.sharding_rules,
             init_params=params is None,
         )
         if params is not None:  # skips a second compile of the initialisation
             parts.params = jax.device_put(params, parts.param_shardings)
-        tx = train_lib.make_optimizer(config)
-        state = train_lib.init_state(parts, tx, mesh)
-        step = train_lib.make_train_step(parts, tx, config, mesh)
+        tx = update_step.make_optimizer(config)
+        state = update_step.init_state(parts, tx, mesh)
+        step = update_step.make_train_step(parts, tx, config, mesh)
         batches = data_lib.make_batches(
             data_lib.load_source(config), global_batch_size=config.global_batch_size, seed=0
         )
@@ -669,14 +678,16 @@ def train_steps(config, mesh, num_steps, keep_at=None, params=None):
     return losses, state.params, kept
 
 
+@pytest.mark.slow
 def test_training_on_digits_lowers_the_loss():
     # One device: 16 steps lower the loss. At initialisation the model outputs zeros (zero
     # final conv): its loss is that of a zero prediction, about 1 (the noise's variance) plus
     # the vb term, whatever the batch.
     config = digits_config()
+    config.model_overrides.depthwise = "xla"  # compiles faster; one device: no tensor axis
     one = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     initial_params = jax.device_get(
-        train_lib.build_model(train_lib.validate_config(config), one, seed=0).params
+        model_parts.build_model(config_lib.validate_config(config), one, seed=0).params
     )
     losses, _, _ = train_steps(config, one, 16, params=initial_params)
     source = data_lib.load_source(config)

@@ -1,6 +1,6 @@
 """The KL-f8 VAE (dydit_jax.vae) and its converter (dydit_jax.convert.vae).
 
-The reference state_dict names and shapes are enumerated here from specs/VAE.md, and the
+The reference state_dict names and shapes are enumerated here from docs/vae.md, and the
 fidelity reference is a float64 numpy forward written here (NCHW, diffusers names);
 neither uses the project's modules or name map. CPU, tiny configs; the full config only
 abstractly."""

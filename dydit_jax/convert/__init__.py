@@ -1,16 +1,16 @@
 """Convert reference PyTorch checkpoints (DiT, DyDiT, U-DiT) into this project's parameters.
 
-The reference state_dict layout is in specs/DIT.md ("Checkpoint layout") and specs/DYDIT.md
+The reference state_dict layout is in docs/dit.md ("Checkpoint layout") and docs/dydit.md
 (router keys). Linear weights are (out, in) and become kernels (in, out); the patch conv is
 OIHW and becomes HWIO; the fixed sin-cos `pos_embed` is not a parameter here but is checked
 against ours (a different axis order would silently scramble positions).
 
-    config, params = state_dict_to_params("dit", load_state_dict("DiT-XL-2-256x256.pt"))
+    config, params = state_dict_to_params("dit", common.load_state_dict("DiT-XL-2-256x256.pt"))
     model = load_reference("dydit", "new_dydit0.7.pt")        # a ready NNX model
     write_workdir("runs/dit_xl", config, params, model_name="DiT-XL/2", image_size=32,
                   num_classes=1000)                           # for sample.py / init_from
 
-U-DiT (kind "udit", specs/UDIT.md) has its own name map and layouts in `convert/udit.py`;
+U-DiT (kind "udit", docs/udit.md) has its own name map and layouts in `convert/udit.py`;
 the functions here dispatch to it.
 
 Everything here runs on numpy; torch is only imported to read `.pt`/`.pth` files.
@@ -19,16 +19,19 @@ Everything here runs on numpy; torch is only imported to read `.pt`/`.pth` files
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import struct
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 
+from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import config_lib, model_parts
+from dydit_jax.convert import common, udit
 from dydit_jax.models import dit as dit_lib
 from dydit_jax.models import layers, model_class, model_config
 from dydit_jax.models.udit import UDiT, UDiTConfig
@@ -59,153 +62,7 @@ _LEAF = {"kernel": "weight", "bias": "bias", "embedding": "weight"}
 # ------------------------------------------------------------------------------ reading
 
 
-def unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The model weights of a file: "ema" of a reference trainer file ({"model", "ema",
-    "opt", "args"}), else "model", else the dict itself; a DDP "module." prefix is dropped."""
-    for name in ("ema", "model"):
-        if isinstance(state_dict.get(name), Mapping):
-            state_dict = state_dict[name]
-            break
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError:
-        return _read_safetensors_numpy(path)
-    return load_file(path)
-
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-def _read_safetensors_numpy(path: str) -> dict[str, np.ndarray]:
-    """Minimal reader of the safetensors format (u64 header size, JSON header, raw bytes),
-    used when the safetensors package is not installed."""
-    not_safetensors = (
-        f"{path} is not a safetensors file (an 8-byte header size, then a JSON header); "
-        "check the file or save it again with safetensors"
-    )
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(not_safetensors)
-        (size,) = struct.unpack("<Q", head)
-        if size > os.path.getsize(path) - 8:
-            raise ValueError(not_safetensors)
-        try:
-            header = json.loads(f.read(size))
-        except ValueError:  # JSON or UTF-8 decoding
-            raise ValueError(not_safetensors) from None
-        data = f.read()
-    if not isinstance(header, dict):
-        raise ValueError(not_safetensors)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = info["dtype"]
-        start, end = info["data_offsets"]
-        raw = data[start:end]
-        if dtype == "BF16":  # bfloat16 = the high half of a float32
-            bits = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
-            array = bits.view(np.float32)
-        elif dtype in _ST_DTYPES:
-            array = np.frombuffer(raw, np.dtype(_ST_DTYPES[dtype]).newbyteorder("<"))
-        else:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        out[name] = array.reshape(info["shape"])
-    return out
-
-
-def _read_torch(path: str) -> Mapping[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"cannot read {path}: pip install torch (CPU) to read .pt files, or convert it "
-            "to .safetensors"
-        ) from e
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # trainer files keep argparse.Namespace args: allow just that
-            import argparse
-
-            if "Namespace" not in str(e):
-                raise
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's unpickler fails with any error type on a foreign file
-        raise ValueError(
-            f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the file, or "
-            "convert it to .safetensors"
-        ) from e
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no numpy dtype)
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reference weights from `.safetensors`, `.pt`/`.pth` (torch, weights_only) or `.npz`,
-    as float32 numpy arrays by reference name (trainer files: their "ema" weights)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        raw: Mapping[str, Any] = _read_safetensors(path)
-    elif ext in (".pt", ".pth", ".bin"):
-        raw = _read_torch(path)
-    elif ext == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                raw = {k: f[k] for k in f.files}
-        except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError):
-            # (a non-archive makes np.load suggest unpickling it: not what to do here)
-            raise ValueError(
-                f"{path} is not an .npz archive of arrays; save one with "
-                "np.savez(path, **state_dict)"
-            ) from None
-    else:
-        raise ValueError(
-            f"{path}: unknown checkpoint format {ext!r}; use .safetensors, .pt/.pth or .npz"
-        )
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state_dict")
-    state = unwrap(raw)
-    bad = [k for k, v in state.items() if not hasattr(v, "shape")]
-    if bad:
-        raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
-    return {k: _to_numpy(v) for k, v in state.items()}
-
-
 # ---------------------------------------------------------------------------- inference
-
-
-def _shape(shapes: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
-    value = shapes.get(key)
-    if value is None:
-        return None
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
-
-
-def _need(shapes: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
-    shape = _shape(shapes, key)
-    if shape is None:
-        raise ValueError(f"missing key {key!r}: cannot infer the architecture without it")
-    if len(shape) != ndim:
-        raise ValueError(f"{key} has shape {shape}; expected {ndim} dimensions")
-    return shape
 
 
 def size_name(depth: int, hidden_size: int) -> str | None:
@@ -226,23 +83,21 @@ def infer_arch(kind: str, shapes: Mapping[str, Any]) -> dict[str, Any]:
     `router_layout`. U-DiT: see `convert.udit.infer_arch`."""
     _check_kind(kind)
     if kind == "udit":
-        from dydit_jax.convert import udit
-
         return udit.infer_arch(shapes)
-    shapes = unwrap(shapes)
-    pos = _need(shapes, "pos_embed", 3)
+    shapes = common.unwrap(shapes)
+    pos = common.need(shapes, "pos_embed", 3)
     tokens, hidden = pos[1], pos[2]
-    conv = _need(shapes, "x_embedder.proj.weight", 4)
+    conv = common.need(shapes, "x_embedder.proj.weight", 4)
     patch, in_channels = conv[2], conv[1]
     grid = int(round(tokens**0.5))
     if grid * grid != tokens:
         raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
-    table = _need(shapes, "y_embedder.embedding_table.weight", 2)
+    table = common.need(shapes, "y_embedder.embedding_table.weight", 2)
     blocks = {int(m[1]) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
         raise ValueError("the state_dict has no blocks.{i}.* keys")
     depth = max(blocks) + 1
-    final = _need(shapes, "final_layer.linear.weight", 2)
+    final = common.need(shapes, "final_layer.linear.weight", 2)
     out_channels = final[0] // (patch * patch)
     fields = {
         "depth": depth,
@@ -255,13 +110,13 @@ def infer_arch(kind: str, shapes: Mapping[str, Any]) -> dict[str, Any]:
         "mlp_ratio": 4.0,
         "size": size_name(depth, hidden),
     }
-    fc1 = _shape(shapes, "blocks.0.mlp.fc1.weight")
+    fc1 = common.shape_of(shapes, "blocks.0.mlp.fc1.weight")
     if fc1 is not None and len(fc1) == 2:
         fields["mlp_ratio"] = fc1[0] / hidden
     if kind == "dydit":
-        router = _need(shapes, "blocks.0.attn_rate.router.weight", 2)
+        router = common.need(shapes, "blocks.0.attn_rate.router.weight", 2)
         fields["router_logits"] = router[0]
-        token = _shape(shapes, "blocks.0.token_selection.mlp_head.0.weight")
+        token = common.shape_of(shapes, "blocks.0.token_selection.mlp_head.0.weight")
         fields["token_router_ratio"] = hidden // token[0] if token and token[0] else 16
     return fields
 
@@ -300,8 +155,6 @@ def infer_config(
     Input size, channels, classes, learn_sigma, MLP ratio and the router layout always come
     from the shapes unless given. U-DiT: see `convert.udit.infer_config`."""
     if kind == "udit":
-        from dydit_jax.convert import udit
-
         return udit.infer_config(
             shapes, arch, input_size=input_size, num_classes=num_classes, overrides=overrides
         )
@@ -341,38 +194,6 @@ def infer_config(
 # ---------------------------------------------------------------------------- conversion
 
 
-def param_shapes(config) -> dict:
-    """Our parameter tree's shapes for a model config (a pure dict of ShapeDtypeStructs)."""
-    import jax
-    from flax import nnx
-
-    def build():
-        model = model_class(config)(config, rngs=nnx.Rngs(0))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    return jax.eval_shape(build)
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def reference_name(path: tuple) -> str:
     """The reference state_dict key of one of our parameter paths."""
     *module, leaf = path
@@ -384,43 +205,6 @@ def reference_name(path: tuple) -> str:
         if tuple(module) == ours:
             return ".".join([*prefix, theirs, _LEAF[leaf]])
     raise RuntimeError(f"no reference name for parameter {path}; update convert._RENAMES")
-
-
-def _reference_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape the reference stores our parameter with."""
-    if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
-        return (shape[3], shape[2], shape[0], shape[1])
-    if path[-1] == "kernel":
-        return shape[::-1]
-    return shape
-
-
-def _from_reference(path: tuple, value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value, np.float32)
-    if path[-1] == "kernel" and value.ndim == 4:
-        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-    if path[-1] == "kernel":
-        return np.ascontiguousarray(value.T)
-    return value
-
-
-def key_mismatch(expected, found, show=lambda key: key) -> list[str]:
-    """["missing keys: ...", "unexpected keys: ..."] (only those that apply; naturally
-    sorted, shortened) for a state_dict whose keys `found` should be `expected`; `show`
-    renders an unexpected key (e.g. with the file's own name)."""
-    missing = sorted(set(expected) - set(found), key=_natural)
-    unexpected = sorted(set(found) - set(expected), key=_natural)
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_listing([show(k) for k in unexpected])}")
-    return parts
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    more = f" ... ({len(keys)} in all)" if len(keys) > limit else f" ({len(keys)})"
-    return ", ".join(keys[:limit]) + more
 
 
 def check_pos_embed(pos_embed: np.ndarray, hidden_size: int, grid: int) -> None:
@@ -454,28 +238,26 @@ def state_dict_to_params(
     `convert.udit.state_dict_to_params` (`overrides={"fused": True}` fuses the FFNs)."""
     _check_kind(kind)
     if kind == "udit":
-        from dydit_jax.convert import udit
-
         return udit.state_dict_to_params(
             state_dict, arch, input_size=input_size, num_classes=num_classes,
             overrides=overrides,
         )
-    state_dict = unwrap(state_dict)
+    state_dict = common.unwrap(state_dict)
     _, config = infer_config(
         kind, state_dict, arch, input_size=input_size, num_classes=num_classes,
         overrides=overrides,
     )
-    targets = _flatten(param_shapes(config))
+    targets = common.flatten(common.param_shapes(config))
     names = {path: reference_name(path) for path in targets}
     expected = {*names.values(), "pos_embed"}
-    parts = key_mismatch(expected, state_dict)
+    parts = common.key_mismatch(expected, state_dict)
     if parts:
         if kind == "dit" and any("_rate.router" in k for k in set(state_dict) - expected):
             parts.append("(router keys: is this a DyDiT checkpoint? use kind 'dydit')")
         raise ValueError(f"{KINDS[kind]} checkpoint does not match {config}: " + "; ".join(parts))
     want_pos = (1, config.num_tokens, config.hidden_size)
     checks = [("pos_embed", want_pos)] + [
-        (names[p], _reference_shape(p, tuple(s.shape))) for p, s in targets.items()
+        (names[p], common.reference_shape(p, tuple(s.shape))) for p, s in targets.items()
     ]
     for key, want in checks:
         got = tuple(np.shape(state_dict[key]))
@@ -486,12 +268,8 @@ def state_dict_to_params(
                 f"{config.patch_size}, input {config.input_size}) expects {want}"
             )
     check_pos_embed(state_dict["pos_embed"], config.hidden_size, config.grid)
-    params = {p: _from_reference(p, state_dict[names[p]]) for p in targets}
-    return config, _unflatten(params)
-
-
-def _natural(key: str) -> list:
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
+    params = {p: common.from_reference(p, state_dict[names[p]]) for p in targets}
+    return config, common.unflatten(params)
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -500,20 +278,18 @@ def _natural(key: str) -> list:
 def merge_params(config, params: Mapping) -> Any:
     """A ready NNX model of `config` holding `params` (a pure dict, e.g. from
     `state_dict_to_params`)."""
-    import jax.numpy as jnp
-    from flax import nnx
 
     if isinstance(config, UDiTConfig):
         # every U-DiT variable is a parameter: build it abstractly (a random init of its
         # ~260+ arrays costs seconds) and fill in the given values
         graphdef, state = nnx.split(nnx.eval_shape(lambda: UDiT(config, rngs=nnx.Rngs(0))))
         nnx.replace_by_pure_dict(
-            state, _unflatten({p: jnp.asarray(v) for p, v in _flatten(params).items()})
+            state, common.unflatten({p: jnp.asarray(v) for p, v in common.flatten(params).items()})
         )
         return nnx.merge(graphdef, state)
     model = model_class(config)(config, rngs=nnx.Rngs(0))
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
-    arrays = _unflatten({p: jnp.asarray(v) for p, v in _flatten(params).items()})
+    arrays = common.unflatten({p: jnp.asarray(v) for p, v in common.flatten(params).items()})
     nnx.replace_by_pure_dict(param_state, arrays)
     return nnx.merge(graphdef, param_state, rest)
 
@@ -525,18 +301,14 @@ def load_reference(
     """A ready NNX model (DiT, DyDiT or U-DiT) from a reference checkpoint file.
     `input_size`: U-DiT files do not store it (default 32; 64 for 512px)."""
     config, params = state_dict_to_params(
-        kind, load_state_dict(path), arch, overrides=overrides, input_size=input_size
+        kind, common.load_state_dict(path), arch, overrides=overrides, input_size=input_size
     )
     return merge_params(config, params)
 
 
 def run_config(model_config_, *, model_name: str, image_size: int, num_classes: int):
-    """The run config (train_lib.base_config) of a converted model: latents dataset, model
+    """The run config (config_lib.base_config) of a converted model: latents dataset, model
     fields that differ from the registry defaults as `model_overrides`."""
-    import ml_collections
-
-    from dydit_jax import train_lib
-
     defaults = dataclasses.asdict(
         model_config(
             model_name, input_size=image_size, in_channels=model_config_.in_channels,
@@ -544,7 +316,7 @@ def run_config(model_config_, *, model_name: str, image_size: int, num_classes: 
         )
     )
     fields = dataclasses.asdict(model_config_)
-    config = train_lib.base_config()
+    config = config_lib.base_config()
     config.model = model_name
     config.dataset = "latents"
     config.image_size = image_size
@@ -562,12 +334,6 @@ def write_workdir(
 ) -> dict:
     """Write a step-0 checkpoint (params = ema_params = the converted weights) that sample.py
     and train.py's `config.init_from` accept. Returns the meta written."""
-    import jax.numpy as jnp
-    import ml_collections
-
-    from dydit_jax import checkpoint as ckpt_lib
-    from dydit_jax import train_lib
-
     if image_size != model_config_.input_size or num_classes != model_config_.num_classes:
         raise ValueError(
             f"image_size {image_size} / num_classes {num_classes} disagree with the model "
@@ -580,19 +346,19 @@ def write_workdir(
     config = run_config(
         model_config_, model_name=model_name, image_size=image_size, num_classes=num_classes
     )
-    rebuilt = train_lib.validate_config(
+    rebuilt = config_lib.validate_config(
         ml_collections.ConfigDict(config.to_dict()), training=False
     )
     if rebuilt != model_config_:
         raise RuntimeError(f"run config rebuilds {rebuilt}, not {model_config_}")
-    shapes = _flatten(param_shapes(model_config_))
-    flat = _flatten(params)
+    shapes = common.flatten(common.param_shapes(model_config_))
+    flat = common.flatten(params)
     if set(flat) != set(shapes) or any(
         tuple(np.shape(flat[p])) != tuple(s.shape) for p, s in shapes.items()
     ):
         raise ValueError("params do not match the model config's parameter tree")
-    meta = train_lib.run_meta(config, model_config_, 0)
-    arrays = _unflatten({p: jnp.asarray(v, jnp.float32) for p, v in flat.items()})
+    meta = model_parts.run_meta(config, model_config_, 0)
+    arrays = common.unflatten({p: jnp.asarray(v, jnp.float32) for p, v in flat.items()})
     ckpt = ckpt_lib.Checkpointer(dst)
     try:
         ckpt.save(0, {"params": arrays, "ema_params": arrays}, meta, force=True)
@@ -600,6 +366,8 @@ def write_workdir(
         ckpt.close()
     return meta
 
+
+load_state_dict, param_shapes, unwrap = common.load_state_dict, common.param_shapes, common.unwrap
 
 __all__ = [
     "check_pos_embed", "infer_arch", "infer_config", "load_reference", "load_state_dict",

@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from dydit_jax import convert
+from dydit_jax import cli, convert
+from dydit_jax.convert import vae
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kind == "vae":
-        from dydit_jax.convert import vae
 
         return vae.main(args)
     try:
@@ -74,10 +74,8 @@ def main(argv=None) -> int:
             num_classes=config.num_classes,
         )
     except (ValueError, OSError, ImportError, KeyError) as e:
-        msg = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    count = sum(v.size for v in convert._flatten(params).values())
+        return cli.fail(e)
+    count = sum(v.size for v in convert.common.flatten(params).values())
     layout = getattr(config, "router_layout", None)
     print(
         f"wrote {args.dst}: {name} ({count / 1e6:.1f}M parameters, input {config.input_size}, "

@@ -1,4 +1,4 @@
-"""Reference U-DiT checkpoints (specs/UDIT.md "Checkpoint names") -> our parameters.
+"""Reference U-DiT checkpoints (docs/udit.md "Checkpoint names") -> our parameters.
 
     config, params = convert.state_dict_to_params("udit", load_state_dict("U-DiT-B-400k.pt"))
     model = convert.load_reference("udit", "U-DiT-L-1M.pt", overrides={"fused": True})
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dydit_jax import convert as base
+from dydit_jax.convert import common
 from dydit_jax.models import model_config, udit
 
 DEFAULT_INPUT_SIZE = 32
@@ -99,11 +99,11 @@ def infer_arch(shapes: Mapping[str, Any]) -> dict[str, Any]:
     """Architecture fields from a reference U-DiT state_dict's shapes (arrays or shape tuples):
     hidden_size, in_channels, num_classes, learn_sigma, num_heads (None for vanilla: not
     stored), depths, mlp_ratio, vanilla, size (S/B/L or None)."""
-    shapes = base.unwrap(shapes)
-    stem = base._need(shapes, "x_embedder.proj.weight", 4)
+    shapes = common.unwrap(shapes)
+    stem = common.need(shapes, "x_embedder.proj.weight", 4)
     c, in_channels = stem[0], stem[1]
-    table = base._need(shapes, "y_embedder_1.embedding_table.weight", 2)
-    final = base._need(shapes, "final_layer.out_proj.weight", 4)
+    table = common.need(shapes, "y_embedder_1.embedding_table.weight", 2)
+    final = common.need(shapes, "final_layer.out_proj.weight", 4)
     if final[0] not in (in_channels, 2 * in_channels):
         raise ValueError(
             f"final_layer.out_proj has {final[0]} outputs for {in_channels} input channels "
@@ -115,11 +115,11 @@ def infer_arch(shapes: Mapping[str, Any]) -> dict[str, Any]:
     vanilla = "encoder_level_1.0.mlp1.fc1.weight" in shapes
     first = "encoder_level_1.0"
     if vanilla:
-        hidden = base._need(shapes, f"{first}.mlp1.fc1.weight", 4)[0]
+        hidden = common.need(shapes, f"{first}.mlp1.fc1.weight", 4)[0]
         heads = None
     else:
-        hidden = base._need(shapes, f"{first}.mlp1.project_in.1.weight", 4)[0]
-        heads = base._need(shapes, f"{first}.attn1.logit_scale", 3)[0]
+        hidden = common.need(shapes, f"{first}.mlp1.project_in.1.weight", 4)[0]
+        heads = common.need(shapes, f"{first}.attn1.logit_scale", 3)[0]
     size = next((s for s, (w, h) in udit.UDIT_SIZES.items()
                  if w == c and heads in (h, None)), None)
     return {
@@ -208,15 +208,15 @@ def state_dict_to_params(
     """(UDiTConfig, params) from a reference U-DiT state_dict (numpy arrays by reference name);
     with `overrides={"fused": True}` the params are the fused inference form. Raises
     ValueError on missing or unexpected keys or a shape mismatch."""
-    state_dict = base.unwrap(state_dict)
+    state_dict = common.unwrap(state_dict)
     overrides = dict(overrides or {})
     fuse = bool(overrides.pop("fused", False))
     _, config = infer_config(
         state_dict, arch, input_size=input_size, num_classes=num_classes, overrides=overrides
     )
-    targets = base._flatten(base.param_shapes(config))
+    targets = common.flatten(common.param_shapes(config))
     names = {path: reference_name(path) for path in targets}
-    parts = base.key_mismatch(names.values(), state_dict)
+    parts = common.key_mismatch(names.values(), state_dict)
     if parts:
         raise ValueError(f"U-DiT checkpoint does not match {config}: " + "; ".join(parts))
     for path, struct in targets.items():
@@ -229,7 +229,7 @@ def state_dict_to_params(
                 f"(hidden size {config.hidden_size}, {config.num_heads} heads) expects {want}"
             )
     check_not_eval_mutated(state_dict)
-    params = base._unflatten(
+    params = common.unflatten(
         {p: _from_reference(names[p], tuple(s.shape), state_dict[names[p]])
          for p, s in targets.items()}
     )
@@ -250,7 +250,7 @@ def to_reference(config: udit.UDiTConfig, params: Mapping) -> dict[str, np.ndarr
     if config.fused:
         raise ValueError("the reference stores the training form; export unfused params")
     out = {}
-    for path, value in base._flatten(params).items():
+    for path, value in common.flatten(params).items():
         key = reference_name(path)
         value = np.asarray(value, np.float32)
         if value.ndim == 4:

@@ -1,4 +1,4 @@
-"""Stable Diffusion KL VAE checkpoints -> this project's VAE parameters (specs/VAE.md).
+"""Stable Diffusion KL VAE checkpoints -> this project's VAE parameters (docs/vae.md).
 
 Three naming forms are accepted and normalised to the current diffusers names first:
 
@@ -19,21 +19,18 @@ weights (in, out) kernels.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from dydit_jax import convert as convert_lib
+from dydit_jax import cli
+from dydit_jax.convert import common
+from dydit_jax.vae.folder import read_vae_dir, write_vae_dir
 from dydit_jax.vae.model import VAEConfig, param_shapes
 
-PARAMS_FILE, CONFIG_FILE = "params.npz", "config.json"
-FORMAT = "dydit-jax-vae/1"
 _ATTN_RENAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LDM_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
              "proj_out": "to_out.0"}
@@ -61,15 +58,15 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".pt", ".pth", ".bin", ".ckpt"):
-        return select_vae(convert_lib.load_state_dict(path))
-    raw = convert_lib._read_torch(path)
+        return select_vae(common.load_state_dict(path))
+    raw = common.read_torch(path)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path} holds a {type(raw).__name__}, not a state_dict")
     state = select_vae(raw)
     bad = [k for k, v in state.items() if not hasattr(v, "shape")]
     if bad:
         raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
-    return {k: convert_lib._to_numpy(v) for k, v in state.items()}
+    return {k: common.to_numpy(v) for k, v in state.items()}
 
 
 # -------------------------------------------------------------------------------- names
@@ -177,7 +174,7 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> VAEConfig:
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    return convert_lib._flatten(tree, prefix)
+    return common.flatten(tree, prefix)
 
 
 def state_dict_to_params(
@@ -198,7 +195,7 @@ def state_dict_to_params(
     names = {path: reference_name(path) for path in targets}
     expected = set(names.values())
     show = lambda k: k if origin.get(k, k) == k else f"{origin[k]} (= {k})"
-    parts = convert_lib.key_mismatch(expected, state, show)
+    parts = common.key_mismatch(expected, state, show)
     if parts:
         raise ValueError(
             f"VAE checkpoint ({form} names) does not match {config}: " + "; ".join(parts)
@@ -206,99 +203,15 @@ def state_dict_to_params(
     for path, struct in targets.items():
         key = names[path]
         got = tuple(np.shape(state[key]))
-        want = convert_lib._reference_shape(path, tuple(struct.shape))
+        want = common.reference_shape(path, tuple(struct.shape))
         if got != want:
             raise ValueError(
                 f"shape mismatch at {show(key)}: the checkpoint has {got}, the VAE "
                 f"(block_out_channels {config.block_out_channels}, latent_channels "
                 f"{config.latent_channels}) expects {want}"
             )
-    params = {path: convert_lib._from_reference(path, state[names[path]]) for path in targets}
-    return config, convert_lib._unflatten(params)
-
-
-# ------------------------------------------------------------------------------- output
-
-
-def _key(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
-def _unkey(key: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in key.split("/"))
-
-
-def check_params(config: VAEConfig, params: Mapping) -> dict[tuple, np.ndarray]:
-    """Flat params, checked against the config's parameter tree (names and shapes)."""
-    shapes = _flatten(param_shapes(config))
-    flat = _flatten(params)
-    missing = sorted(_key(p) for p in set(shapes) - set(flat))
-    extra = sorted(_key(p) for p in set(flat) - set(shapes))
-    if missing or extra:
-        raise ValueError(
-            f"VAE params do not match {config}: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
-    for path, struct in shapes.items():
-        if tuple(np.shape(flat[path])) != tuple(struct.shape):
-            raise ValueError(
-                f"VAE param {_key(path)} has shape {tuple(np.shape(flat[path]))}; the config "
-                f"expects {tuple(struct.shape)}"
-            )
-    return flat
-
-
-def write_vae_dir(dst: str, config: VAEConfig, params: Mapping, *, source: str | None = None
-                  ) -> dict:
-    """Write DST/params.npz (float32, keys "encoder/down_blocks/0/...") and DST/config.json.
-
-    DST must not exist (an empty directory is allowed); the files are written to a temporary
-    sibling directory first and moved into place in one rename, so DST never holds a partial
-    result. Returns the JSON written."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ValueError(f"{dst} already exists; refusing to overwrite it: pick a new --dst")
-    flat = check_params(config, params)
-    meta = {
-        "format": FORMAT,
-        "config": config.to_dict(),
-        "param_count": int(sum(np.size(v) for v in flat.values())),
-        "source": source,
-    }
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        np.savez(os.path.join(tmp, PARAMS_FILE),
-                 **{_key(p): np.asarray(v, np.float32) for p, v in flat.items()})
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, dst)  # atomic; fails if DST appeared meanwhile with content
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
-
-
-def read_vae_dir(src: str) -> tuple[VAEConfig, dict]:
-    """(config, params as a pure dict of float32 numpy arrays) of a `write_vae_dir` output."""
-    config_path, params_path = os.path.join(src, CONFIG_FILE), os.path.join(src, PARAMS_FILE)
-    for path in (config_path, params_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} does not exist: {src} is not a converted VAE directory (make one "
-                "with python -m dydit_jax.convert vae --src FILE --dst DIR)"
-            )
-    with open(config_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    config = VAEConfig.from_dict(meta["config"])
-    with np.load(params_path, allow_pickle=False) as f:
-        flat = {_unkey(k): f[k] for k in f.files}
-    check_params(config, convert_lib._unflatten(flat))
-    return config, convert_lib._unflatten(flat)
+    params = {path: common.from_reference(path, state[names[path]]) for path in targets}
+    return config, common.unflatten(params)
 
 
 __all__ = [
@@ -313,7 +226,6 @@ __all__ = [
 def main(args) -> int:
     """`python -m dydit_jax.convert vae --src FILE --dst DIR [--dtype bfloat16]` (args parsed
     by convert/__main__.py)."""
-    import sys
 
     try:
         for flag, value in (("--arch", args.arch), ("--input-size", args.input_size),
@@ -328,9 +240,7 @@ def main(args) -> int:
         config, params = state_dict_to_params(load_state_dict(args.src), **overrides)
         meta = write_vae_dir(args.dst, config, params, source=os.path.abspath(args.src))
     except (ValueError, OSError, ImportError, KeyError) as e:
-        msg = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(
         f"wrote {args.dst}: KL VAE ({meta['param_count'] / 1e6:.1f}M parameters, "
         f"block_out_channels {list(config.block_out_channels)}, {config.latent_channels} "

@@ -20,7 +20,7 @@ def _digits_table() -> np.ndarray:
         path = os.path.join(root, "datasets", "data", "digits.csv.gz")
         if os.path.exists(path):
             return np.loadtxt(path, delimiter=",")
-    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.datasets import load_digits as sk_load_digits  # heavy (scipy): once
 
     data = sk_load_digits()
     return np.concatenate([data.data, data.target[:, None]], axis=1)

@@ -47,7 +47,6 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -58,8 +57,11 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import numpy as np
 from array_record.python import array_record_module
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import cli, files, parallel, vae
 from dydit_jax.data import images as images_lib
 from dydit_jax.data.latents import (
     HEADER_BYTES,
@@ -71,6 +73,7 @@ from dydit_jax.data.latents import (
     write_manifest,
     write_shard,
 )
+from dydit_jax.vae import folder as vae_folder
 
 EXTRACTION_FILE = "extraction.json"  # the settings of an extraction in progress
 EXAMPLES_PER_SHARD = 1000  # the default shard size
@@ -126,10 +129,11 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, data_dir: str | None):
         try:
-            import tensorflow_datasets as tfds
+            import tensorflow_datasets as tfds  # heavy: tfds sources only
         except ImportError as e:
             raise ValueError(
-                "--source tfds:... needs tensorflow-datasets: pip install tensorflow-datasets"
+                "--source tfds:... needs TensorFlow Datasets, the imagenet extra: "
+                "pip install -e '.[imagenet]'"
             ) from e
         self._tfds = tfds
         try:
@@ -230,7 +234,7 @@ def _hide_gpus_from_tensorflow() -> None:
     """tf.data only reads files here: keep a GPU build of TensorFlow off the accelerators
     that JAX uses (tensorflow-cpu has none to hide)."""
     try:
-        import tensorflow as tf
+        import tensorflow as tf  # heavy: tfds sources only
 
         tf.config.set_visible_devices([], "GPU")
     except (ImportError, RuntimeError, ValueError):  # RuntimeError: TF already initialised
@@ -252,47 +256,6 @@ def open_source(source: str, *, split: str = "train", tfds_data_dir: str | None 
 # --------------------------------------------------------------------------------- settings
 
 
-def _vae_files(vae_dir: str) -> tuple[str, str]:
-    from dydit_jax.convert.vae import CONFIG_FILE, PARAMS_FILE
-
-    if not os.path.isdir(vae_dir):
-        raise ValueError(
-            f"--vae {vae_dir} does not exist; make it with "
-            "python -m dydit_jax.convert vae --src CHECKPOINT --dst DIR"
-        )
-    paths = os.path.join(vae_dir, CONFIG_FILE), os.path.join(vae_dir, PARAMS_FILE)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise ValueError(
-            f"--vae {vae_dir} is not a converted VAE directory ({missing[0]} is missing); make "
-            "it with python -m dydit_jax.convert vae --src CHECKPOINT --dst DIR"
-        )
-    return paths
-
-
-def _vae_config(config_path: str, dtype: str):
-    from dydit_jax.convert.vae import FORMAT
-    from dydit_jax.vae import VAEConfig
-
-    try:
-        with open(config_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        config = VAEConfig.from_dict(meta["config"])
-        return dataclasses.replace(config, dtype=dtype)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{config_path} is not a VAE config of ours: {e}") from e
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _differences(found: dict, wanted: dict) -> str:
     diffs = [
         f"{k}: {found.get(k)!r} there, {wanted[k]!r} now"
@@ -301,20 +264,8 @@ def _differences(found: dict, wanted: dict) -> str:
     return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
 
 
-def _atomic_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_npy(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+def _write_npy(path: str, arr: np.ndarray) -> None:
+    files.atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _check_out(out: str, settings: dict) -> dict | None:
@@ -446,7 +397,7 @@ def _shard_labels(out: str, k: int, num_shards: int, expected: int) -> np.ndarra
         raise ValueError(f"shard {shard_name(k, num_shards)} in {out} is corrupt; delete it "
                          "and rerun to rewrite it")
     labels = np.array([int.from_bytes(r[4:8], "little", signed=True) for r in records], np.int32)
-    _atomic_npy(path, labels)
+    _write_npy(path, labels)
     return labels
 
 
@@ -461,7 +412,6 @@ def _is_finished(path: str, expected: int) -> bool:
 
 def _barrier(name: str, process_count: int) -> None:
     if process_count > 1 and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
 
@@ -508,8 +458,8 @@ def extract(
     shards_of_process(1, p, count)  # checks the pair
     out = os.path.abspath(out)
     vae_dir = os.path.abspath(vae_dir)
-    config_path, params_path = _vae_files(vae_dir)
-    vae_config = _vae_config(config_path, dtype)
+    config_path, params_path = vae_folder.folder_files(vae_dir)
+    vae_config = dataclasses.replace(vae_folder.read_config(config_path), dtype=dtype)
     factor = vae_config.downsample_factor
     if image_size % factor:
         raise ValueError(
@@ -532,7 +482,7 @@ def extract(
     settings = {
         "tool": TOOL, **src.identity(), "source_examples": len(src), "num_examples": n,
         "num_shards": num_shards, "image_size": image_size, "crop": "adm-center-crop",
-        "vae_sha256": _sha256(params_path),
+        "vae_sha256": files.sha256_file(params_path),
         "vae_config": {k: v for k, v in vae_config.to_dict().items() if k != "dtype"},
         "vae_dtype": dtype, **spec,
     }
@@ -548,7 +498,7 @@ def extract(
         return done if p == 0 else None
     os.makedirs(out, exist_ok=True)
     if p == 0:
-        _atomic_json(os.path.join(out, EXTRACTION_FILE), record)
+        files.write_json(os.path.join(out, EXTRACTION_FILE), record)
     _barrier("extract_latents:start", count)
 
     # ---- this process's shards
@@ -559,9 +509,6 @@ def extract(
     say(f"{what}: {n} examples -> {out} in {num_shards} shards; this process writes "
         f"{len(mine)} of them, {len(mine) - len(todo)} already finished")
     if todo:
-        from tqdm import tqdm
-
-        from dydit_jax import parallel, vae
 
         model = vae.load(vae_dir, dtype=dtype)
         mesh = parallel.make_mesh((-1, 1, 1), devices=jax.local_devices())
@@ -582,7 +529,7 @@ def extract(
                               "dtype": "float16"}
                 labels = write_shard(path, examples, sizes[k], spec=shard_spec,
                                      dtype="float16", first_index=starts[k])
-                _atomic_npy(os.path.join(out, labels_name(k, num_shards)),
+                _write_npy(os.path.join(out, labels_name(k, num_shards)),
                             np.asarray(labels, np.int32))
                 if on_shard_done is not None:
                     on_shard_done(k)
@@ -659,10 +606,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from dydit_jax import compile_cache, parallel
 
-    compile_cache.enable()
-    parallel.initialize_distributed()
+    cli.start(distributed=True, log_info=False)
     try:
         extract(
             args.source, args.out, vae_dir=args.vae, image_size=args.image_size,
@@ -671,8 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

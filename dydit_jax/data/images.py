@@ -1,6 +1,6 @@
 """Images for latent extraction: the ADM centre crop and an image-folder source.
 
-The crop is the one DiT trains with (the ADM / guided-diffusion data pipeline, specs/DIT.md):
+The crop is the one DiT trains with (the ADM / guided-diffusion data pipeline, docs/dit.md):
 
 1. the image is converted to RGB first (grey, palette, RGBA, CMYK ...; alpha is dropped, EXIF
    orientation is not applied, as in the reference loader);

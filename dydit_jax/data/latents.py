@@ -1,6 +1,6 @@
 """Pre-extracted VAE latents on disk: ArrayRecord shards, a random-access source, and sampling.
 
-Encoding the images once (`specs/VAE.md`, "Cost") saves ~38% of a DiT-XL/2 training step. Two
+Encoding the images once (`docs/vae.md`, "Cost") saves ~38% of a DiT-XL/2 training step. Two
 kinds of example are stored:
 
 * ``"moments"``: float16 ``(2, H, W, 2C)``: ``[0]`` is the VAE posterior of the image and
@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from array_record.python import array_record_module
 from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+from dydit_jax import files
 
 FORMAT = "dydit-latents-v1"
 MANIFEST = "manifest.json"
@@ -243,7 +245,7 @@ def write_manifest(
         raise ValueError(f"{labels_arr.shape[0]} labels for {total} examples in the shards")
     if total < 1:
         raise ValueError("no examples to write")
-    _atomic_write(
+    files.atomic_write(
         os.path.join(out_dir, LABELS_FILE), lambda f: np.save(f, labels_arr, allow_pickle=False)
     )
     manifest = {
@@ -264,7 +266,7 @@ def write_manifest(
             raise ValueError(f"extra manifest fields {sorted(clash)} clash with the format's")
         manifest.update(extra)
     text = json.dumps(manifest, indent=1)
-    _atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(text.encode()))
+    files.atomic_write(os.path.join(out_dir, MANIFEST), lambda f: f.write(text.encode()))
     return manifest
 
 
@@ -323,15 +325,6 @@ def _check_example(example: Mapping, spec: dict, dtype: str | None, index: int):
             f"example {index}: {kind} has non-finite values as {spec['dtype']} (overflow?)"
         )
     return int(label), stored
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- reading

@@ -11,6 +11,7 @@ import grain
 import jax
 import numpy as np
 
+from dydit_jax.data.digits import load_digits
 from dydit_jax.data.latents import LatentSource
 
 
@@ -40,7 +41,6 @@ def load_source(config) -> ArraySource | LatentSource:
     """The training source named by `config.dataset`: "digits", or "latents" (a directory of
     latent shards written by `write_latent_shards`, at `config.data_dir`)."""
     if config.dataset == "digits":
-        from dydit_jax.data.digits import load_digits
 
         return ArraySource(*load_digits(config.image_size))
     if config.dataset == "latents":

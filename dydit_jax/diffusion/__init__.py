@@ -5,9 +5,11 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import space_timesteps
 from .samplers import (
     SAMPLERS,
+    check_sampler,
     classifier_free_guidance,
     combine_guided,
     guided_inputs,
+    initial_noise,
     sample_loop,
     sampler_step,
 )
@@ -15,11 +17,13 @@ from .samplers import (
 __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
+    "check_sampler",
     "classifier_free_guidance",
     "combine_guided",
     "create_diffusion",
     "discretized_gaussian_log_likelihood",
     "guided_inputs",
+    "initial_noise",
     "mean_flat",
     "normal_kl",
     "sample_loop",

@@ -133,3 +133,26 @@ def combine_guided(out: jax.Array, scale: float, guided_channels: int | None) ->
     cond, uncond = eps[:b], eps[b:]
     half = uncond + scale * (cond - uncond)
     return jnp.concatenate([jnp.concatenate([half, half], axis=0), rest], axis=-1)
+
+
+def initial_noise(
+    key: jax.Array, indices: jax.Array, image_shape: tuple[int, ...], guided: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(x_T, per-row sampler keys) of a batch. Row r is image number indices[r] of the run:
+    its noise comes from fold_in(key, indices[r]). Under guidance the batch is doubled as
+    [z; z] (the second half's keys are folded once more; its state is never used)."""
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    noise_keys, loop_keys = jax.vmap(jax.random.split, out_axes=1)(row_keys)
+    z = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
+    if guided:
+        z = jnp.concatenate([z, z], axis=0)
+        uncond_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(loop_keys)
+        loop_keys = jnp.concatenate([loop_keys, uncond_keys], axis=0)
+    return z, loop_keys
+
+
+def check_sampler(sampler: str, guided_channels: int | None) -> int | None:
+    """Refuse an unknown sampler; returns guided_channels with -1 (all channels) as None."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    return None if guided_channels is not None and guided_channels < 0 else guided_channels

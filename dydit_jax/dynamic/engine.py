@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from dydit_jax import diffusion as diffusion_lib
-from dydit_jax import flops, models, parallel, sample_lib, xla_cpu
+from dydit_jax import flops, models, parallel
 from dydit_jax.dynamic import plan as plan_lib
 from dydit_jax.dynamic.plan import WidthPlan, width_plan
 from dydit_jax.models.dydit import DyDiTConfig
@@ -102,7 +102,7 @@ class DyDiTEngine:
     """Sampler for a DyDiT: `engine(key, indices, labels)` -> float32 samples (B, H, W, C),
     the call of `sample_lib.generate` (same noise per image index as the masked sampler).
 
-    parts/params: `train_lib.ModelParts` of a DyDiT and its weights. `capacity`: tokens per
+    parts/params: `model_parts.ModelParts` of a DyDiT and its weights. `capacity`: tokens per
     sample and layer through the MLP: None (all: exact), an int, a fraction in (0, 1], an
     array (L,) per layer or (K, L) per layer and K contiguous step buckets; or call
     `calibrate` to measure it on a batch.
@@ -126,6 +126,7 @@ class DyDiTEngine:
         capacity_step_buckets: int = 1,
         mlp_shape_budget: int = 32,
         layers_per_call: int = 1,
+        compiler_options=None,
     ):
         config = parts.config
         if not isinstance(config, DyDiTConfig):
@@ -133,7 +134,8 @@ class DyDiTEngine:
         graphdef = parts.graphdef
         if config.scan_blocks:  # the engine runs (and slices) one layer at a time
             config, params, graphdef = models.unstack_blocks(config, params)
-        self.guided_channels = sample_lib.check_sampler(sampler, guided_channels)
+        self.compiler_options = compiler_options  # the run config's, for every jit
+        self.guided_channels = diffusion_lib.check_sampler(sampler, guided_channels)
         if capacity_multiple < 1:
             raise ValueError(f"capacity multiple must be >= 1, got {capacity_multiple}")
         if mlp_shape_budget < 1:
@@ -201,7 +203,7 @@ class DyDiTEngine:
             return slice_mlp(mlp, groups, valid, width=group_width)
 
         def initial(key, indices, labels):
-            return sample_lib.initial_noise(key, indices, image_shape, guided)
+            return diffusion_lib.initial_noise(key, indices, image_shape, guided)
 
         def embed(params, x, t, labels):
             model = nnx.merge(graphdef, params, buffers)
@@ -258,7 +260,9 @@ class DyDiTEngine:
 
         # Fixed output shardings: every call's inputs match what its executable was built for.
         rows = self._rows
-        jit = functools.partial(xla_cpu.jit, model=cfg, mesh=self.mesh)
+        jit = functools.partial(
+            parallel.jit, mesh=self.mesh, compiler_options=self.compiler_options
+        )
         self._initial = jit(initial, out_shardings=(rows, rows))
         self._embed = jit(embed, out_shardings=(rows, rows))
         self._attention = jit(attention, out_shardings=(rows, rows))

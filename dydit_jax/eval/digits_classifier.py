@@ -34,13 +34,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dydit_jax import cli, files
+from dydit_jax.data.digits import load_digits
 from dydit_jax.eval.features import (
     EvalInputError,
     FeatureExtractor,
-    file_sha256,
     save_json,
     save_npz,
 )
+from dydit_jax.sample_lib import to_uint8
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
@@ -89,9 +91,7 @@ def _model(params: dict) -> DigitsNet:
 
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices into `load_digits()`: a fixed stratified split."""
-    from sklearn.model_selection import train_test_split
-
-    from dydit_jax.data.digits import load_digits
+    from sklearn.model_selection import train_test_split  # heavy (scipy)
 
     _, labels = load_digits()
     train, test = train_test_split(
@@ -105,8 +105,6 @@ def digits_uint8(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Real digits as the sampler exports them: uint8 (N, S, S, 1) images and int32 labels of
     the classifier's `train` or held-out `test` split, or `all` of them."""
-    from dydit_jax.data.digits import load_digits
-    from dydit_jax.sample_lib import to_uint8
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be train, test or all, got {split!r}")
@@ -201,7 +199,6 @@ def _cpu():
 
 def train(settings: dict = SETTINGS) -> tuple[dict[str, np.ndarray], dict]:
     """Trains from scratch: (params as a pure dict of numpy arrays, info with the accuracy)."""
-    from dydit_jax.data.digits import load_digits
 
     start = time.perf_counter()
     images, labels = load_digits()
@@ -263,7 +260,7 @@ def _load_cache(folder: str) -> tuple[dict, dict] | None:
     try:
         with open(info_path) as f:
             info = json.load(f)
-        if info.get("settings") != SETTINGS or info.get("params_sha256") != file_sha256(
+        if info.get("settings") != SETTINGS or info.get("params_sha256") != files.sha256_file(
             params_path
         ):
             return None
@@ -291,7 +288,7 @@ def load_or_train(workdir: str, retrain: bool = False) -> tuple[dict, dict]:
     os.makedirs(folder, exist_ok=True)
     params_path = os.path.join(folder, "params.npz")
     save_npz(params_path, **_flatten(params))
-    info["params_sha256"] = file_sha256(params_path)
+    info["params_sha256"] = files.sha256_file(params_path)
     save_json(os.path.join(folder, "classifier.json"), info)
     return params, dict(info, trained=True)
 
@@ -367,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_digits_reference(args.reference_out, args.image_size, args.split)
         except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return cli.fail(e)
         print(f"wrote {args.split} digits at {args.image_size}x{args.image_size} to "
               f"{args.reference_out}")
     return 0

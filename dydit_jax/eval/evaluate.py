@@ -19,14 +19,14 @@ import argparse
 import json
 import logging
 import os
-import sys
 import zipfile
 from collections.abc import Iterator
 
 import numpy as np
 
-from dydit_jax import compile_cache
+from dydit_jax import cli
 from dydit_jax.eval import metrics
+from dydit_jax.eval.digits_classifier import DigitsClassifier
 from dydit_jax.eval.features import (
     EvalInputError,
     FeatureExtractor,
@@ -334,7 +334,6 @@ def make_extractor(
     if features == "inception":
         return InceptionGraph(inception_graph)
     if features == "digits":
-        from dydit_jax.eval.digits_classifier import DigitsClassifier
 
         return DigitsClassifier(workdir)
     raise EvalInputError(f"unknown features {features!r}; choose one of {sorted(CHANNELS)}")
@@ -384,7 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """CLI: prints the table (and writes --out); bad input: `error: ...` on stderr, exit 2."""
     args = parse_args(argv)
-    compile_cache.enable()
+    cli.start(log_info=False)
     try:
         if args.batch_size < 1:
             raise EvalInputError(f"--batch_size must be positive, got {args.batch_size}")
@@ -396,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         extractor = make_extractor(args.features, args.inception_graph, args.workdir)
         results = _evaluate_npz(samples, reference, extractor, args.batch_size, not args.no_cache)
     except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(format_table(results))
     if args.out:
         save_json(args.out, results)

@@ -14,14 +14,14 @@ sampler's labels (then the class accuracy of labelled samples is reported).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from dydit_jax import files
 
 GRAPH_HELP = (
     "use the standard evaluation suite's Inception graph `classify_image_graph_def.pb` (linked "
@@ -66,14 +66,6 @@ def extract_features(
     return {key: np.concatenate(values, axis=0) for key, values in parts.items()}
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class InceptionGraph(FeatureExtractor):
     """The suite's Inception-v3 GraphDef (`classify_image_graph_def.pb`), run with TF1-style
     graph import (tf.compat.v1) on the CPU.
@@ -98,7 +90,7 @@ class InceptionGraph(FeatureExtractor):
         if not os.path.isfile(path):
             raise EvalInputError(f"Inception graph {path} not found: {GRAPH_HELP}")
         self.path = path
-        self._identity = f"inception:{file_sha256(path)}"
+        self._identity = f"inception:{files.sha256_file(path)}"
         self._build()
 
     @property
@@ -106,9 +98,14 @@ class InceptionGraph(FeatureExtractor):
         return self._identity
 
     def _build(self) -> None:
-        # Lazy: TensorFlow is only needed (and only imported) for this extractor.
-        import tensorflow as tf
-        from google.protobuf.message import DecodeError
+        try:  # TensorFlow, the imagenet extra, is needed (and imported) for this extractor only
+            import tensorflow as tf
+            from google.protobuf.message import DecodeError  # comes with TensorFlow
+        except ImportError as e:
+            raise EvalInputError(
+                "--features=inception runs the Inception graph with TensorFlow, the imagenet "
+                "extra: pip install -e '.[imagenet]'"
+            ) from e
 
         try:  # keep TensorFlow off the accelerators: they belong to JAX
             tf.config.set_visible_devices([], "GPU")
@@ -173,32 +170,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: str, write: Callable, suffix: str = "") -> None:
-    """Calls write(file object) on a temporary file beside `path`, then renames it over `path`:
-    a reader sees the old file or the new one, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain file honours the umask
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_npz(path: str, **arrays: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays), suffix=".npz")
+    files.atomic_write(path, lambda f: np.savez(f, **arrays), suffix=".npz")
 
 
 def save_json(path: str, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()), suffix=".json")
+    files.atomic_write(path, lambda f: f.write(text.encode()), suffix=".json")

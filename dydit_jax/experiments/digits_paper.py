@@ -27,23 +27,25 @@ import sys
 import time
 from dataclasses import dataclass
 
-from dydit_jax import hugepages
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image, ImageDraw
 
-if __name__ == "__main__":  # before JAX: glibc reads the huge-page tunable only at start
-    hugepages.reexec()
-
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-# configs/ lives at the repository root, next to the package (see the README's commands).
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from dydit_jax import checkpoint as ckpt_lib  # noqa: E402
-from dydit_jax import compile_cache, flops, logs, models, parallel, sample_lib, train_lib  # noqa: E402
-from dydit_jax.dynamic import DyDiTEngine  # noqa: E402
+from dydit_jax import checkpoint as ckpt_lib
+from dydit_jax import (
+    cli,
+    files,
+    flops,
+    model_parts,
+    models,
+    parallel,
+    sample_lib,
+    train_lib,
+)
+from dydit_jax.dynamic import DyDiTEngine
+from dydit_jax.eval import digits_classifier
+from dydit_jax.eval import evaluate as eval_lib
 
 UDIT_HIDDEN = 40  # U-DiT widths 40/80/160: 31 MFLOPs per image vs the DiT's 30
 
@@ -61,8 +63,14 @@ class Stage:
     config: ml_collections.ConfigDict
 
 
+# configs/ lives at the repository root, next to the package (see the README's commands).
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def _load_configs():
-    try:
+    if _REPO not in sys.path:
+        sys.path.insert(0, _REPO)
+    try:  # configs/ is beside the package in a checkout, not in an installed wheel
         from configs import digits, dydit, udit
     except ImportError as err:  # pragma: no cover - only outside a checkout
         raise SystemExit(
@@ -130,12 +138,13 @@ def sample(workdir: str, labels: np.ndarray, *, sampling_steps: str, seed: int,
     DyDiT, calibrates the token capacities); images/s is timed over the other batches."""
     mesh = parallel.make_mesh((-1, 1, 1))
     with jax.set_mesh(mesh):
-        _, config, parts, weights = train_lib.restore_weights(workdir, mesh)
+        _, config, parts, weights = model_parts.restore_weights(workdir, mesh)
         parts, weights = sample_lib.inference_form(parts, weights, mesh,
                                                    config.get("sharding_rules"))
         options = dict(mesh=mesh, sampling_steps=sampling_steps, sampler=config.sample.sampler,
                        cfg_scale=config.sample.cfg_scale,
-                       guided_channels=config.sample.guided_channels)
+                       guided_channels=config.sample.guided_channels,
+                       compiler_options=config.get("compiler_options"))
         engine = None
         if isinstance(parts.config, models.DyDiTConfig):
             engine = DyDiTEngine(parts, weights, capacity="calibrate", **options)
@@ -190,8 +199,6 @@ def gflops(model_config, engine: dict | None) -> float:
 
 def evaluate(images: np.ndarray, labels: np.ndarray, workdir: str) -> dict:
     """digits-FID (and precision/recall) against held-out real digits, class accuracy."""
-    from dydit_jax.eval import digits_classifier
-    from dydit_jax.eval import evaluate as eval_lib
 
     extractor = digits_classifier.DigitsClassifier(workdir)  # trained once, cached there
     reference, _ = digits_classifier.digits_uint8(images.shape[1], "test")
@@ -215,20 +222,12 @@ def write_table(rows: list[dict], path: str, header: str) -> str:
             f"| {100 * r['class_accuracy']:.1f}% | {train_s} |"
         )
     text = "\n".join(lines) + "\n"
-    _atomic_text(path, text)
+    files.write_text(path, text)
     return text
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
     """FLOPs (x) against digits-FID (y), one labelled point per model, as a PNG (PIL only)."""
-    from PIL import Image, ImageDraw
 
     width, height, margin = 720, 480, 70
     image = Image.new("RGB", (width, height), "white")
@@ -266,9 +265,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     line = sorted(dydit + dit)
     if len(line) > 1:
         draw.line([to_px(x, y) for x, y in line], fill="red", width=1)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with files.atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp)
 
 
 def _axis_range(values: np.ndarray) -> tuple[float, float]:
@@ -322,7 +320,7 @@ def run(workdir: str, *, scale: str = "full", lambdas=(0.7, 0.5), num_samples: i
             "engine": engine,
         }
         print(f"[{stage.name}] {json.dumps({k: v for k, v in row.items() if k != 'engine'})}")
-        _atomic_text(os.path.join(stage_dir, "result.json"),
+        files.write_text(os.path.join(stage_dir, "result.json"),
                      json.dumps({"settings": settings, "row": row}, indent=1))
         rows.append(row)
     guidance = stages(workdir, scale, [])[0].config.sample.cfg_scale
@@ -336,7 +334,7 @@ def run(workdir: str, *, scale: str = "full", lambdas=(0.7, 0.5), num_samples: i
     write_table(rows, os.path.join(workdir, "results.md"), header)
     plot(rows, os.path.join(workdir, "flops_vs_fid.png"),
          "Digits: FLOPs vs FID (DiT, DyDiT, U-DiT)")
-    _atomic_text(os.path.join(workdir, "results.json"), json.dumps(rows, indent=1))
+    files.write_text(os.path.join(workdir, "results.json"), json.dumps(rows, indent=1))
     return rows
 
 
@@ -355,16 +353,14 @@ def main(argv=None) -> int:
     p.add_argument("--sampling_steps", default=None, help="respacing, e.g. 50 or ddim25")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    logs.configure()  # the trainer's progress lines
-    compile_cache.enable()
+    cli.start()  # with the trainer's progress lines
     try:
         start = time.perf_counter()
         rows = run(args.workdir, scale=args.scale, lambdas=args.lambdas,
                    num_samples=args.num_samples, sampling_steps=args.sampling_steps,
                    seed=args.seed)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(err)
     print(open(os.path.join(args.workdir, "results.md")).read())
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; {len(rows)} models")
     return 0

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from typing import Any
 
+import jax
 from flax import nnx
 
 from dydit_jax.models.dit import DIT_SIZES, DiT, DiTConfig
@@ -119,7 +120,6 @@ def unstack_blocks(config, params):
     time (the DyDiT engine); a model without stacked blocks comes back as it is."""
     if not getattr(config, "scan_blocks", False):
         return config, params, None
-    import jax
 
     flat = dataclasses.replace(config, scan_blocks=False)
     structure = {}

@@ -12,7 +12,7 @@ from flax import nnx
 from dydit_jax import parallel
 from dydit_jax.models import layers
 
-# depth, hidden size, heads of the paper's four sizes (specs/DIT.md).
+# depth, hidden size, heads of the paper's four sizes (docs/dit.md).
 DIT_SIZES = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),

@@ -2,7 +2,7 @@
 channel groups per timestep (TDW) and skip the MLP for unneeded tokens (SDT).
 
 The backbone is DiT's (same block, same parameter names), so a DiT checkpoint initialises a
-DyDiT directly; each block adds three routers (specs/DYDIT.md):
+DyDiT directly; each block adds three routers (docs/dydit.md):
   attn_rate       Linear(D -> K) on the timestep embedding t_emb: one logit per head
   mlp_rate        Linear(D -> K) on t_emb: one logit per MLP channel group (H groups of 4D/H)
   token_selection Linear(D -> D/16) -> ReLU -> Linear(D/16 -> 1) on the residual stream right

@@ -1,6 +1,6 @@
 """Layers shared by DiT, DyDiT and U-DiT.
 
-Numerics follow the reference releases (specs/DIT.md): cos-first timestep features, a null
+Numerics follow the reference releases (docs/dit.md): cos-first timestep features, a null
 label row, adaLN-Zero modulation, LayerNorm without affine at eps 1e-6, tanh GELU, and the
 reference initialisation (xavier-uniform linears, normal(0.02) embeddings, zero adaLN and
 output layers). Tensors are NHWC / (batch, tokens, channels).

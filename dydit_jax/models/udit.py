@@ -1,5 +1,5 @@
 """U-DiT (Tian et al., NeurIPS 2024): a U-Net of adaLN-Zero transformer blocks whose
-self-attention runs on downsampled tokens (specs/UDIT.md).
+self-attention runs on downsampled tokens (docs/udit.md).
 
 Layout, NHWC, widths C / 2C / 4C (C = hidden_size):
 
@@ -40,11 +40,11 @@ from dydit_jax import parallel
 from dydit_jax.models import layers
 from dydit_jax.models.dit import REMAT_POLICIES
 
-# hidden size C (stage widths C, 2C, 4C) and heads (the same in every stage), specs/UDIT.md
+# hidden size C (stage widths C, 2C, 4C) and heads (the same in every stage), docs/udit.md
 UDIT_SIZES = {"S": (96, 4), "B": (192, 8), "L": (384, 16)}
 
 LOGIT_SCALE_INIT = math.log(10.0)  # cosine attention starts at temperature 1/10
-# the learned scale's clamp: the release's literal 4.6052, not ln 100 = 4.605170 (specs)
+# the learned scale's clamp: the release's literal 4.6052, not ln 100 = 4.605170 (docs/udit.md)
 LOGIT_SCALE_MAX = 4.6052
 ROPE_THETA = 10000.0
 DOWNSAMPLER_KERNEL = 5  # depthwise conv in front of the token split

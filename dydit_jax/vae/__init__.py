@@ -1,4 +1,4 @@
-"""The Stable Diffusion KL-f8 autoencoder (specs/VAE.md): model, loading, sharded apply.
+"""The Stable Diffusion KL-f8 autoencoder (docs/vae.md): model, loading, sharded apply.
 
     model = vae.load("vae/ema")                   # python -m dydit_jax.convert vae --src ...
     images = model.decode_latents(latents)        # NHWC, about [-1, 1]
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dydit_jax.vae import folder
 from dydit_jax.vae.apply import ShardedVAE, decode, decode_latents, encode, encode_to_latents
 from dydit_jax.vae.model import (
     AutoencoderKL,
@@ -37,9 +38,7 @@ def from_params(config: VAEConfig, params: Mapping) -> AutoencoderKL:
 def load(directory: str, *, dtype: str | None = None) -> AutoencoderKL:
     """The model written by `python -m dydit_jax.convert vae --src FILE --dst DIRECTORY`.
     `dtype` overrides the stored compute dtype ("float32" or "bfloat16")."""
-    from dydit_jax.convert.vae import read_vae_dir
-
-    config, params = read_vae_dir(directory)
+    config, params = folder.read_vae_dir(directory)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype)
     return from_params(config, params)
@@ -47,6 +46,6 @@ def load(directory: str, *, dtype: str | None = None) -> AutoencoderKL:
 
 __all__ = [
     "AutoencoderKL", "DiagonalGaussian", "ShardedVAE", "VAEConfig", "abstract_model", "decode",
-    "decode_latents", "encode", "encode_to_latents", "from_params", "load", "param_count",
+    "decode_latents", "encode", "encode_to_latents", "folder", "from_params", "load", "param_count",
     "param_shapes",
 ]

@@ -1,4 +1,4 @@
-"""The Stable Diffusion KL-f8 autoencoder (specs/VAE.md) in Flax NNX, NHWC.
+"""The Stable Diffusion KL-f8 autoencoder (docs/vae.md) in Flax NNX, NHWC.
 
 Module and parameter names follow the diffusers layout (`encoder.down_blocks.{i}.resnets.{j}.
 conv1`, `mid_block.attention.to_q`, ...) so that the converter's name map is short: our
