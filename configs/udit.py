@@ -140,7 +140,7 @@ def digits_config() -> ml_collections.ConfigDict:
     config.in_channels = 1
     config.num_classes = 10
     # --- optimisation: as configs/digits.py (short run: larger lr, warm-up, clipping), half
-    # the batch: U-DiT's many small ops are slow on a CPU (~0.5 s a step on 2 cores)
+    # the batch: U-DiT's many small ops are slow on a CPU
     config.num_steps = 1200
     config.global_batch_size = 64
     config.learning_rate = 1e-3

@@ -2,9 +2,7 @@
 the latent extraction and the digits experiment).
 
 A resumed or restarted run, and sample.py after train.py, loads its compiled programs from
-disk instead of compiling them again: on 2 CPU cores a tiny digits train.py start took 30 s
-with an empty cache and 10 s with a warm one; U-DiT-B's train step alone compiles in 3-9
-minutes there (BENCHMARKS.md). The cache lives in `$DYDIT_COMPILATION_CACHE`, by default
+disk instead of compiling them again. The cache lives in `$DYDIT_COMPILATION_CACHE`, by default
 `$XDG_CACHE_HOME/dydit_jax/xla` (`~/.cache/dydit_jax/xla`), at most 4 GiB (least recently
 used entries go first; JAX needs the `filelock` package for that, a requirement);
 `DYDIT_COMPILATION_CACHE=off` turns it off. A cache configured for JAX itself

@@ -1,9 +1,8 @@
 """The training loop's metric writer: log lines plus TensorBoard event files, without TensorFlow.
 
 clu's `metric_writers` package imports TensorFlow when it is imported (its summary writer),
-which cost every `train.py` start ~7 s on a 2-core CPU, before any training, and every
-resume after a preemption again. This writer keeps clu's interface (`write_scalars`,
-`write_images`, `flush`, `close`) and its log format, and writes the event file itself:
+seconds of every `train.py` start and every resume. This writer keeps clu's interface
+(`write_scalars`, `write_images`, `flush`, `close`) and writes the event file itself:
 `tensorboard`'s protobufs and record framing (what `tensorboard --logdir` reads); its own
 event-file writer would import TensorFlow again, for file access.
 """

@@ -22,10 +22,8 @@ final layer, guidance and the sampler update. Nothing waits for the device insid
 The blocks run as two compiled calls each (attention, token MLP; `layers_per_call=1`, the
 default), each compiled once per shape (heads; groups and capacity): few signatures, 2 x
 depth calls per step. Or `layers_per_call=k` runs k consecutive blocks per call, compiled once
-per tuple of the k blocks' shapes: fewer calls and fewer call boundaries (on a 2-core CPU,
-DyDiT-B/2's plan ran ~4% faster with a whole step per call; BENCHMARKS.md, DyDiT rows (j),
-(k)), at the cost of more signatures (up to one per step and chunk when the plan changes
-every step).
+per tuple of the k blocks' shapes: fewer calls and call boundaries, at the cost of more
+signatures (up to one per step and chunk when the plan changes every step).
 """
 
 from __future__ import annotations
@@ -217,7 +215,7 @@ class DyDiTEngine:
         # whole, which keeps the compiled signature to the one count). When every head
         # (group) is kept, padding included, the weights run unsliced and the validity masks
         # the heads' (groups') activations instead: the slice would be a copy of all the
-        # weights (~5% of a full-width call on CPU, BENCHMARKS.md rows (j)).
+        # weights.
         def full_mask(index, valid, rows):
             mask = jnp.zeros(index.shape, valid.dtype).at[index].set(valid)
             return jnp.broadcast_to(mask, (rows, index.shape[0]))

@@ -2,7 +2,7 @@ r"""The papers' FLOPs-vs-FID comparison in miniature, on the embedded digits (2-
 
   python -m dydit_jax.experiments.digits_paper --workdir=workdirs/digits_paper
 
-Trains a DiT (configs/digits.py), fine-tunes it into DyDiTs at each lambda
+Trains a DiT (configs/digits.py:long), fine-tunes it into DyDiTs at each lambda
 (configs/dydit.py:digits), trains a U-DiT of about the DiT's FLOPs (configs/udit.py:digits,
 hidden 40), samples each with the same sampler and labels (DyDiT through the inference
 engine), evaluates the samples against the real digits held out from our digits
@@ -96,7 +96,7 @@ def stages(workdir: str, scale: str, lambdas: list[float]) -> list[Stage]:
             config.sample_every_steps = 0
         return config
 
-    dit = shorten(digits.get_config("tiny" if tiny else None), steps["dit"])
+    dit = shorten(digits.get_config("tiny" if tiny else "long"), steps["dit"])
     out = [Stage("DiT", "dit", dit)]
     for lam in lambdas:
         config = shorten(dydit.get_config(f"digits,{lam}"), steps["dydit"])

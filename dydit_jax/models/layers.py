@@ -267,8 +267,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale=None) 
     q = (q.astype(jnp.float32) * scale).astype(k.dtype)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     # The shift only keeps exp in range; the softmax does not depend on it, so its gradient
-    # is zero: stopping it spares the backward an (N, N) argmax mask (~a quarter of the
-    # attention core's backward time on XLA:CPU, BENCHMARKS.md).
+    # is zero: stopping it spares the backward an (N, N) argmax mask.
     weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     out = jnp.einsum(
         "bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32

@@ -70,7 +70,7 @@ class UDiTConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 for speed); parameters stay float32
     attention: str = "einsum"  # einsum (f32 softmax) | xla | cudnn: jax.nn.dot_product_attention
     remat: str = "none"  # per-block rematerialisation: none | full | dots (save matmul outputs)
-    # depthwise convs: shifted (sum of k*k shifted slices, fused into one loop; 10-50x faster
+    # depthwise convs: shifted (sum of k*k shifted slices, fused into one loop; much faster
     # than XLA:CPU's grouped conv, but slower to compile) | xla (lax grouped convolution)
     depthwise: str = "shifted"
 
