@@ -1,7 +1,7 @@
 """Fault injection on training: kill -9 at random moments (some of them while a checkpoint is
 being written), SIGTERM, and a non-finite loss.
 
-Short by default (6 kills, what CI runs); `pytest tests/faults --faults-long` kills 30 times.
+Short by default (10 kills, what CI runs); `pytest tests/faults --faults-long` kills 30 times.
 Each kill is followed by a restart of the same command, which must resume from the newest
 committed checkpoint; the run that finally completes must end with exactly the parameters,
 EMA and optimizer state of an uninterrupted run.
@@ -94,7 +94,7 @@ def final_state(workdir) -> dict:
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(
     tmp_path, request, record_property
 ):
-    kills = 30 if request.config.getoption("--faults-long") else 6
+    kills = 30 if request.config.getoption("--faults-long") else 10
     rng = random.Random(0)
     reference = tmp_path / "uninterrupted"
     proc = start(reference)
