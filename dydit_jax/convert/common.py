@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from dydit_jax.models import model_class
 
@@ -175,24 +175,9 @@ def param_shapes(config) -> dict:
     return jax.eval_shape(build)
 
 
-def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
+# nested dicts <-> {path tuple: leaf}
+flatten = traverse_util.flatten_dict
+unflatten = traverse_util.unflatten_dict
 
 
 def reference_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:

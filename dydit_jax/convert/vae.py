@@ -173,10 +173,6 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> VAEConfig:
 # ---------------------------------------------------------------------------- conversion
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    return common.flatten(tree, prefix)
-
-
 def state_dict_to_params(
     state_dict: Mapping[str, Any], config: VAEConfig | None = None, **overrides
 ) -> tuple[VAEConfig, dict]:
@@ -191,7 +187,7 @@ def state_dict_to_params(
         config = infer_config(state, **overrides)
     elif overrides:
         raise ValueError("pass either config or overrides, not both")
-    targets = _flatten(param_shapes(config))
+    targets = common.flatten(param_shapes(config))
     names = {path: reference_name(path) for path in targets}
     expected = set(names.values())
     show = lambda k: k if origin.get(k, k) == k else f"{origin[k]} (= {k})"

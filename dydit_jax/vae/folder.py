@@ -10,35 +10,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dydit_jax.vae.model import VAEConfig, param_shapes
 
 PARAMS_FILE, CONFIG_FILE = "params.npz", "config.json"
 FORMAT = "dydit-jax-vae/1"
 MAKE_ONE = "python -m dydit_jax.convert vae --src CHECKPOINT --dst DIR"
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _key(path: tuple) -> str:
@@ -51,8 +31,8 @@ def _unkey(key: str) -> tuple:
 
 def check_params(config: VAEConfig, params: Mapping) -> dict[tuple, np.ndarray]:
     """Flat params, checked against the config's parameter tree (names and shapes)."""
-    shapes = _flatten(param_shapes(config))
-    flat = _flatten(params)
+    shapes = flatten_dict(param_shapes(config))
+    flat = flatten_dict(params)
     missing = sorted(_key(p) for p in set(shapes) - set(flat))
     extra = sorted(_key(p) for p in set(flat) - set(shapes))
     if missing or extra:
@@ -118,8 +98,8 @@ def read_vae_dir(src: str) -> tuple[VAEConfig, dict]:
     config = VAEConfig.from_dict(meta["config"])
     with np.load(params_path, allow_pickle=False) as f:
         flat = {_unkey(k): f[k] for k in f.files}
-    check_params(config, _unflatten(flat))
-    return config, _unflatten(flat)
+    check_params(config, unflatten_dict(flat))
+    return config, unflatten_dict(flat)
 
 
 def folder_files(directory: str, what: str = "--vae") -> tuple[str, str]:
