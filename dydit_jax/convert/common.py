@@ -142,7 +142,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         )
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path} holds a {type(raw).__name__}, not a state_dict")
-    state = unwrap(raw)
+    return numpy_state(path, unwrap(raw))
+
+
+def numpy_state(path: str, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The state_dict's tensors as numpy arrays; a ValueError naming entries that are not."""
     bad = [k for k, v in state.items() if not hasattr(v, "shape")]
     if bad:
         raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")

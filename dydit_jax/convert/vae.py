@@ -62,11 +62,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     raw = common.read_torch(path)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path} holds a {type(raw).__name__}, not a state_dict")
-    state = select_vae(raw)
-    bad = [k for k, v in state.items() if not hasattr(v, "shape")]
-    if bad:
-        raise ValueError(f"{path}: entries that are not tensors: {bad[:5]}")
-    return {k: common.to_numpy(v) for k, v in state.items()}
+    return common.numpy_state(path, select_vae(raw))
 
 
 # -------------------------------------------------------------------------------- names
