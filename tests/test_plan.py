@@ -29,6 +29,9 @@ def tiny(name: str, per_chip: int, chips: int, mesh=(1, -1, 1), **model):
         config.model_overrides.update(depth=2, hidden_size=64, num_heads=2)
     if name == "udit":  # the XLA depthwise form compiles fastest; no tensor axis here
         config.model_overrides.update(depthwise="xla", hidden_size=16, depth_latent=1)
+        # the plain baseline (same U-Net of downsampled-attention blocks, plain MLP): its
+        # compile for a TPU takes 0.6x the time of the full model's
+        config.model_overrides.update(vanilla=True)
     config.model_overrides.update(**model)
     config.global_batch_size = per_chip * chips
     config.mesh_shape = mesh
@@ -65,7 +68,6 @@ def test_topology_names_as_users_write_them():
     ("dit", {"scan_blocks": True, "remat": "none"}),
     ("dit", {"scan_blocks": False, "remat": "full"}),
     pytest.param("dydit", {"scan_blocks": True, "remat": "dots"}, marks=pytest.mark.slow),
-    pytest.param("dydit", {}, marks=pytest.mark.slow),
     pytest.param("udit", {}, marks=pytest.mark.slow),
 ])
 def test_per_chip_memory_stays_flat_from_4_to_16_chips(name, model):
@@ -155,10 +157,10 @@ def test_the_command_line_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_search_lists_the_settings_that_fit_best_ceiling_first():
-    config = tiny("dit", 4, 16)
-    results = plan.search(config, "v5e:4x4", batches=(4,), remats=("none", "full"),
+    config = tiny("dit", 4, 4)
+    results = plan.search(config, "v5e:2x2", batches=(4,), remats=("none", "full"),
                           scans=(True,), log=quiet)
-    assert {tuple(r["mesh"]) for r in results} >= {(1, 16, 1), (16, 1, 1)}
+    assert {tuple(r["mesh"]) for r in results} >= {(1, 4, 1), (4, 1, 1)}
     fitting = [r for r in results if r["fits"]]
     assert fitting and fitting == results[: len(fitting)]
     ceilings = [r["ceiling_images_per_second_per_chip"] for r in fitting]
