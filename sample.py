@@ -1,7 +1,11 @@
 r"""Sample from a trained workdir (EMA weights of the latest checkpoint by default).
 
   python sample.py --workdir=workdirs/digits --out=workdirs/digits/samples --num_samples=100 \
-      [--sampling_steps=250 --sampler=ddpm|ddim --cfg_scale=2.0 --seed=0 --labels=0,1,2]
+      [--sampling_steps=250 --sampler=ddpm|ddim|dpmpp2m --cfg_scale=2.0 --seed=0 --labels=0,1,2]
+
+Few steps: --sampler=dpmpp2m --sampling_steps=20 (DPM-Solver++(2M)). Guidance only in part of
+the noise range: --cfg_interval=LO,HI (timesteps t with LO <= t/1000 < HI; the conditional
+half runs alone at the other steps).
 
 Writes OUT/samples.npz (arr_0: uint8 NHWC images, arr_1: labels; the evaluation suite's
 format), OUT/grid.png and OUT/run.json. Latent models decode with --vae=DIR (written by
@@ -22,10 +26,17 @@ from dydit_jax import diffusion as diffusion_lib
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 flags.DEFINE_string("out", None, "Output directory for samples.npz and grid.png.")
 flags.DEFINE_integer("num_samples", 100, "Number of images.")
-flags.DEFINE_string("sampling_steps", None, "Respacing: '250', 'ddim50', ... (default: config).")
+flags.DEFINE_string(
+    "sampling_steps", None,
+    "Respacing: '250', 'ddim50', 'logsnr20' (log-SNR spacing), ... (default: config).",
+)
 flags.DEFINE_enum("sampler", None, list(diffusion_lib.SAMPLERS), "Sampler (default: config).")
 flags.DEFINE_float("cfg_scale", None, "Guidance scale; 1.0 = none (default: config).")
 flags.DEFINE_integer("guided_channels", None, "-1: guide all eps channels; 3: reference quirk.")
+flags.DEFINE_string(
+    "cfg_interval", None,
+    "Guide only at timesteps t with LO <= t/1000 < HI, as 'LO,HI' (default: config, 0,1 = all).",
+)
 flags.DEFINE_integer("seed", 0, "Same seed, same images.")
 flags.DEFINE_string("labels", None, "'balanced' (default), 'random', or ids like 0,3,7 (cycled).")
 flags.DEFINE_integer("batch_size", None, "Images per compiled batch (default: config).")
@@ -69,6 +80,7 @@ def main(argv):
             sampler=FLAGS.sampler,
             cfg_scale=FLAGS.cfg_scale,
             guided_channels=FLAGS.guided_channels,
+            cfg_interval=FLAGS.cfg_interval,
             seed=FLAGS.seed,
             labels=FLAGS.labels,
             batch_size=FLAGS.batch_size,

@@ -7,6 +7,7 @@ separately. The last line reads `wall_speedup=<x> flops_speedup=<y>` (of the las
 Paper sizes (random backbone, synthetic routers, 32x32x4 latents, 1000 classes):
 
   python bench/dydit_speedup.py --model=B/2 --lambdas=0.7,0.5 --steps=10 --batch=8
+  python bench/dydit_speedup.py --model=B/2 --sampler=dpmpp2m --steps=20   # few-step sampling
   python bench/dydit_speedup.py --quick                       # ~3.5 min on 2 CPU cores
   python bench/dydit_speedup.py --quick --profile             # + where the engine's time goes
   python bench/dydit_speedup.py --quick --layers_per_call=1,12  # engine calls of 1 / 12 blocks
@@ -48,8 +49,10 @@ from flax import nnx  # noqa: E402
 from bench.common import machine  # noqa: E402
 from dydit_jax import config_lib, flops, model_parts, parallel, sample_lib  # noqa: E402
 from dydit_jax.diffusion import (  # noqa: E402
+    SAMPLERS,
     classifier_free_guidance,
     create_diffusion,
+    init_carry,
     initial_noise,
     sampler_step,
 )
@@ -161,7 +164,7 @@ def noise_inputs(cfg, timesteps, batch: int, seed: int):
 
 
 def trajectory_inputs(parts, params, args, batch: int, rows: int):
-    """(x, t, y) the masked DyDiT sees along the benchmark's own sampler (DDPM, guidance:
+    """(x, t, y) the masked DyDiT sees along the benchmark's own sampler (guidance:
     both halves) on `batch` images of the benchmark's labels: at most `rows` of them, spread
     evenly over the steps (each row costs a forward in `token_biases`)."""
     cfg = parts.config
@@ -176,18 +179,17 @@ def trajectory_inputs(parts, params, args, batch: int, rows: int):
 
     diffusion = create_diffusion(args.steps_spec)
     labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
-    guided = args.cfg_scale != 1.0
     shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
-    x, keys = initial_noise(jax.random.key(args.seed), jnp.arange(batch), shape,
-                                       guided)
-    if guided:
+    x, keys = initial_noise(jax.random.key(args.seed), jnp.arange(batch), shape)
+    if args.cfg_scale != 1.0:
         model_fn = classifier_free_guidance(apply_fn, labels, cfg.num_classes, args.cfg_scale,
                                             None)
     else:
         model_fn = lambda x, t: apply_fn(x, t, labels)
+    carry = init_carry(x)
     for i in range(diffusion.num_timesteps):
         step = jnp.asarray(diffusion.num_timesteps - 1 - i, jnp.int32)
-        x = sampler_step(diffusion, model_fn, x, step, keys)
+        carry = sampler_step(diffusion, model_fn, carry, step, keys, sampler=args.sampler)
     seen = [jnp.concatenate(parts_, axis=0) for parts_ in zip(*seen, strict=True)]
     chosen = np.unique(np.linspace(0, len(seen[0]) - 1, min(rows, len(seen[0]))).astype(int))
     return tuple(part[chosen] for part in seen)
@@ -445,8 +447,8 @@ def trained_digits(args) -> list[dict]:
 
 def compare(name, dit_parts, dit_params, dydit_parts, dydit_params, mesh, args) -> dict:
     cfg = dydit_parts.config
-    options = dict(mesh=mesh, sampling_steps=args.steps_spec, cfg_scale=args.cfg_scale,
-                   guided_channels=-1)
+    options = dict(mesh=mesh, sampling_steps=args.steps_spec, sampler=args.sampler,
+                   cfg_scale=args.cfg_scale, guided_channels=-1)
     dit_params = jax.device_put(dit_params, dit_parts.param_shardings)
     dit_fn = functools.partial(sample_lib.make_batch_sampler(dit_parts, **options), dit_params)
     dydit_params = jax.device_put(dydit_params, dydit_parts.param_shardings)
@@ -478,7 +480,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="B/2", choices=sorted(PAPER_GFLOPS))
     p.add_argument("--lambdas", default="0.5", type=lambda s: [float(v) for v in s.split(",")])
     p.add_argument("--workdir", default="", help="a trained DyDiT workdir instead of a size")
-    p.add_argument("--steps", type=int, default=10, help="DDPM sampling steps (respaced)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps (respaced)")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cfg_scale", type=float, default=1.5)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

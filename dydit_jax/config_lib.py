@@ -63,9 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion_steps = 1000
     c.sample = ml_collections.ConfigDict(
         dict(
-            sampler="ddpm",  # ddpm | ddim
-            steps="250",  # respacing: "250", "ddim50", ...
+            sampler="ddpm",  # ddpm | ddim | dpmpp2m (DPM-Solver++(2M): 20 steps)
+            steps="250",  # respacing: "250", "ddim50", "logsnr20", ...
             cfg_scale=1.5,  # classifier-free guidance scale (1.0 = none)
+            # guide only at timesteps t with LO <= t/1000 < HI (elsewhere: the conditional
+            # half alone); (0, 1) guides every step
+            cfg_interval=(0.0, 1.0),
             guided_channels=3,  # eps channels guided: 3 = reference quirk, -1 = all
             num_images=64,  # images in each periodic grid
             batch_size=64,
@@ -206,7 +209,12 @@ def validate_config(
             f"config.sample.sampler {config.sample.sampler!r} is not one of "
             f"{diffusion_lib.SAMPLERS}"
         )
-    diffusion_lib.space_timesteps(config.diffusion_steps, config.sample.steps)
+    try:
+        diffusion_lib.check_sampler(config.sample.sampler, None, config.sample.steps,
+                                    config.diffusion_steps)
+        diffusion_lib.parse_cfg_interval(config.sample.get("cfg_interval", (0.0, 1.0)))
+    except ValueError as e:
+        raise ValueError(f"config.sample: {e}") from None
     engine_options(config.sample)  # validates the DyDiT engine's sampling options
     if isinstance(model_config, models.DyDiTConfig):
         dyn = config.dydit
@@ -249,6 +257,8 @@ def check_field_types(config: ml_collections.ConfigDict) -> None:
             elif isinstance(want, str) and not isinstance(got, str):
                 if not (name == "token_capacity" and isinstance(got, int | float)):
                     raise ValueError(f"{where} must be a string, got {got!r}")
+            elif name == "cfg_interval":  # two fractions: checked with the sampler
+                continue
             elif isinstance(want, tuple) and (not isinstance(got, tuple | list) or not all(
                     isinstance(s, int | np.integer) and not isinstance(s, bool) for s in got)):
                 raise ValueError(f"{where} must be a list of whole-number sizes, got {got!r}")

@@ -39,6 +39,7 @@ def make_batch_sampler(
     sampler: str = "ddpm",
     cfg_scale: float = 1.0,
     guided_channels: int | None = None,
+    cfg_interval=(0.0, 1.0),
     eta: float = 0.0,
     compiler_options=None,
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
@@ -46,29 +47,31 @@ def make_batch_sampler(
     for a model split as `model_parts.ModelParts` (graphdef, buffers, shardings, config).
 
     Row r is image number indices[r] of the run (see `initial_noise`).
-    `cfg_scale` 1.0 samples without guidance; otherwise the batch is doubled as [z; z] with
-    labels [y; null] and the first half is returned (reference behaviour). `guided_channels`
-    None or -1 guides every eps channel; 3 reproduces the reference's 3-of-4-channel quirk.
+    `cfg_scale` 1.0 samples without guidance; otherwise the network sees [x; x] with labels
+    [y; null] (reference behaviour) at the steps inside `cfg_interval` (`guidance_steps`) and
+    the conditional rows alone elsewhere. `guided_channels` None or -1 guides every eps
+    channel; 3 reproduces the reference's 3-of-4-channel quirk.
     """
     graphdef, buffers, config = parts.graphdef, parts.buffers, parts.config
     image_shape = (config.input_size, config.input_size, config.in_channels)
-    guided_channels = diffusion_lib.check_sampler(sampler, guided_channels)
+    guided_channels = diffusion_lib.check_sampler(sampler, guided_channels, sampling_steps)
     diffusion = diffusion_lib.create_diffusion(sampling_steps)
     guided = cfg_scale != 1.0
+    guided_steps = diffusion_lib.guidance_steps(diffusion, cfg_interval)
 
     def sample(params, key, indices, labels):
         model = nnx.merge(graphdef, params, buffers)
-        z, loop_keys = diffusion_lib.initial_noise(key, indices, image_shape, guided)
+        z, loop_keys = diffusion_lib.initial_noise(key, indices, image_shape)
+        model_fn = lambda x, t: model(x, t, labels)
+        guided_fn = None
         if guided:
-            model_fn = diffusion_lib.classifier_free_guidance(
+            guided_fn = diffusion_lib.classifier_free_guidance(
                 model, labels, config.num_classes, cfg_scale, guided_channels
             )
-        else:
-            model_fn = lambda x, t: model(x, t, labels)
-        out = diffusion_lib.sample_loop(
-            diffusion, model_fn, z, loop_keys, sampler=sampler, eta=eta
+        return diffusion_lib.sample_loop(
+            diffusion, model_fn, z, loop_keys, sampler=sampler, eta=eta,
+            guided_fn=guided_fn, guided_steps=guided_steps,
         )
-        return out[: labels.shape[0]]
 
     rows = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
@@ -357,6 +360,7 @@ def sample_from_workdir(
     sampler: str | None = None,
     cfg_scale: float | None = None,
     guided_channels: int | None = None,
+    cfg_interval=None,
     seed: int = 0,
     labels: str | None = None,
     batch_size: int | None = None,
@@ -390,6 +394,11 @@ def sample_from_workdir(
     if sampler is not None:
         # before --out is created (the model is built later)
         diffusion_lib.check_sampler(sampler, None)
+    if cfg_interval is not None:
+        try:
+            cfg_interval = diffusion_lib.parse_cfg_interval(cfg_interval)
+        except ValueError as e:
+            raise ValueError(f"--cfg_interval: {e}") from None
     dynamic_flag = dynamic
     if isinstance(mesh_shape, str):
         mesh_shape = parallel.parse_mesh_shape(mesh_shape)
@@ -421,7 +430,12 @@ def sample_from_workdir(
     batch_size = sample_cfg.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    diffusion_lib.space_timesteps(config.diffusion_steps, sampling_steps)  # validates
+    # the spacing, and a step count the sampler can run
+    diffusion_lib.check_sampler(sampler, None, sampling_steps, config.diffusion_steps)
+    if cfg_interval is None:
+        cfg_interval = diffusion_lib.parse_cfg_interval(
+            sample_cfg.get("cfg_interval", (0.0, 1.0))
+        )
     model_config = config_lib.validate_config(config, training=False)
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
     if dynamic is None:
@@ -458,6 +472,8 @@ def sample_from_workdir(
         if dynamic else None,
         "vae": os.path.abspath(vae) if vae else None,
     }
+    if cfg_interval != (0.0, 1.0):  # (runs from before the option have no entry)
+        settings["cfg_interval"] = list(cfg_interval)
     # uint8 images twice (finished batches, then samples.npz), checked before any sampling
     side = model_config.input_size * (8 if decoder else 1)
     channels = 3 if decoder else model_config.in_channels
@@ -486,7 +502,7 @@ def sample_from_workdir(
             options = dict(
                 mesh=mesh, sampling_steps=sampling_steps, sampler=sampler,
                 cfg_scale=cfg_scale, guided_channels=guided_channels,
-                compiler_options=config.get("compiler_options"),
+                cfg_interval=cfg_interval, compiler_options=config.get("compiler_options"),
             )
             if dynamic:
                 engine = dynamic_lib.DyDiTEngine(parts, weights, **options, **engine_opts)
@@ -517,6 +533,7 @@ def sample_from_workdir(
         "sampler": sampler,
         "sampling_steps": sampling_steps,
         "cfg_scale": cfg_scale,
+        "cfg_interval": list(cfg_interval),
         "fused": getattr(models.fuse_model_params(model_config, {})[0], "fused", False),
         "vae": settings["vae"],
         "dynamic": report,

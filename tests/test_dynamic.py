@@ -46,21 +46,30 @@ def batch(mesh, n=8):
     return jax.random.key(7), rows["i"], rows["y"]
 
 
-@pytest.mark.parametrize("cfg_scale,width_multiple", [(1.0, 1), (2.0, 1), (2.0, 3)])
-def test_engine_equals_masked_model(cfg_scale, width_multiple):
+@pytest.mark.parametrize("cfg_scale,width_multiple,sampler,interval", [
+    (1.0, 1, "ddpm", (0, 1)), (2.0, 1, "ddpm", (0, 1)), (2.0, 3, "ddim", (0, 1)),
+    # few-step solver, guidance on the middle steps only (both batch sizes run)
+    (2.0, 1, "dpmpp2m", (0.3, 0.7)),
+])
+def test_engine_equals_masked_model(cfg_scale, width_multiple, sampler, interval):
     parts, params, mesh = random_dydit()
-    options = dict(mesh=mesh, sampling_steps=STEPS, cfg_scale=cfg_scale, guided_channels=-1)
+    options = dict(mesh=mesh, sampling_steps=STEPS, cfg_scale=cfg_scale, guided_channels=-1,
+                   sampler=sampler, cfg_interval=interval)
     with jax.set_mesh(mesh):
         engine = DyDiTEngine(parts, params, width_multiple=width_multiple, **options)
         got = engine(*batch(mesh))
         want = sample_lib.make_batch_sampler(parts, **options)(params, *batch(mesh))
-    # The sampler visits the respaced timesteps from the noisiest down.
-    assert list(engine.plan.timesteps) == sorted(engine.plan.timesteps, reverse=True)
+    # The plan covers exactly the timesteps the sampler feeds the network, noisiest first.
+    assert list(engine.plan.timesteps) == create_diffusion(STEPS).timestep_map[::-1].tolist()
+    report = engine.report()
+    assert report["sampler"] == sampler
+    if interval != (0, 1):  # 999, 799, 599, 400, 200, 0: two guided, 300 <= t < 700
+        assert report["guided_steps"] == 2
+        assert {k[2] for k in engine.compiled if k[0] == "embed"} == {False, True}
     heads = engine.plan.heads.sum(-1)
     assert heads.min() < heads.max() and heads.max() > 1  # widths really vary by step/layer
     # some token-MLP calls keep every group: they run unsliced, masked (engine.py)
     assert (engine.width_counts[1] == parts.config.num_heads).any()
-    report = engine.report()
     assert 0.2 < report["token_fraction"] < 0.9  # and tokens are really skipped
     assert report["tokens_overflow"] == 0
     assert report["signatures"] == sum(k[0] in ("attn", "mlp") for k in engine.compiled)
@@ -287,13 +296,20 @@ def dydit_workdir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sample_py_runs_the_engine_for_dydit(dydit_workdir, tmp_path):
-    common = [f"--workdir={dydit_workdir}", "--num_samples=8", "--sampling_steps=4"]
+    # few-step solver, log-SNR steps (timesteps 0, 73, 603, 999), guidance where t < 500
+    common = [f"--workdir={dydit_workdir}", "--num_samples=8", "--sampler=dpmpp2m",
+              "--sampling_steps=logsnr4", "--cfg_interval=0,0.5"]
     proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'engine'}",
                            "--token_capacity=all", "--layers_per_call=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DyDiT engine: FLOPs ratio" in proc.stdout
     report = json.loads((tmp_path / "engine" / "dynamic.json").read_text())
     assert report["tokens_overflow"] == 0 and report["plan"]["steps"] == 4
+    # the plan covers the solver's own timesteps
+    assert report["sampler"] == "dpmpp2m" and report["sampling_steps"] == "logsnr4"
+    assert report["plan"]["timesteps"] == [999, 603, 73, 0] and report["guided_steps"] == 2
+    run = json.loads((tmp_path / "engine" / "run.json").read_text())
+    assert run["settings"]["cfg_interval"] == [0.0, 0.5]
     assert report["layers_per_call"] == 2
     # blocks per call change no image: the same run with the default is already done
     proc = run_entry_point("sample.py", *common, f"--out={tmp_path / 'engine'}",
@@ -333,7 +349,7 @@ def test_profile_times_every_call_and_counts_the_executed_flops():
     executed = sum(r["macs"] for r in records) / (steps * cfg.depth * 16 * (attn + mlp))
     assert executed == pytest.approx(engine.report()["executed_flops_ratio"], rel=1e-9)
     assert executed < 0.9  # heads, groups and tokens really are cut
-    assert engine.network_rows == 0  # profiling leaves the sampling statistics alone
+    assert not engine.step_rows.any()  # profiling leaves the sampling statistics alone
 
 
 def test_speedup_bench_on_a_trained_digits_dydit(dydit_workdir, capsys):

@@ -14,14 +14,9 @@ import numpy as np
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import space_timesteps
+from .schedule import linear_betas, log_snr
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
-    """DiT's linear schedule, float64: linspace(1e-4, 0.02, T) (scaled for T != 1000)."""
-    scale = 1000.0 / num_timesteps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
 def gather(table: np.ndarray, t: jax.Array, ndim: int) -> jax.Array:
@@ -37,7 +32,10 @@ class GaussianDiffusion:
     original 0..T-1 timestep that the network must see.
     """
 
-    def __init__(self, betas: np.ndarray, timestep_map: np.ndarray | None = None):
+    def __init__(
+        self, betas: np.ndarray, timestep_map: np.ndarray | None = None,
+        train_timesteps: int | None = None,
+    ):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be a 1-D array in (0, 1]")
@@ -46,6 +44,8 @@ class GaussianDiffusion:
         if timestep_map is None:
             timestep_map = np.arange(n)
         self.timestep_map: np.ndarray = np.asarray(timestep_map, dtype=np.int32)
+        # the unrespaced diffusion's step count (timestep_map's range)
+        self.train_timesteps: int = int(train_timesteps or n)
         if self.timestep_map.shape != (n,):
             raise ValueError("timestep_map must have one entry per step")
 
@@ -78,6 +78,20 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
         )
+
+        # DPM-Solver++(2M), data prediction, from step i to step i-1 (the clean image at
+        # i = 0): x <- sigma_ratio x + x0_coef (x0 + x0_weight (x0 - x0_before)), x0_before
+        # being the prediction of the step before (i+1). lambda = log(alpha / sigma); the
+        # first step (no earlier prediction) and the last (to sigma = 0) are first order.
+        lam = log_snr(self.alphas_cumprod)
+        h = np.append(np.inf, lam[:-1]) - lam  # lambda(target) - lambda(here), > 0
+        self.dpm_sigma_ratio = np.sqrt(
+            (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.dpm_x0_coef = np.sqrt(self.alphas_cumprod_prev) * -np.expm1(-h)
+        self.dpm_x0_weight = np.zeros(n)
+        if n > 2:  # h over twice the previous step's h
+            self.dpm_x0_weight[1:-1] = h[1:-1] / (2.0 * (lam[1:-1] - lam[2:]))
 
     def original_timesteps(self, t: jax.Array) -> jax.Array:
         """Map step indices to the original timesteps the network was trained on."""
@@ -196,4 +210,6 @@ def create_diffusion(
     abar = np.cumprod(1.0 - base_betas)
     kept_abar = abar[kept]
     prev = np.append(1.0, kept_abar[:-1])
-    return GaussianDiffusion(1.0 - kept_abar / prev, timestep_map=np.asarray(kept))
+    return GaussianDiffusion(
+        1.0 - kept_abar / prev, timestep_map=np.asarray(kept), train_timesteps=num_timesteps
+    )

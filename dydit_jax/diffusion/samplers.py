@@ -1,18 +1,32 @@
-"""Sampling loops (ancestral DDPM, DDIM) and DiT's classifier-free guidance wrapper.
+"""Sampling loops (ancestral DDPM, DDIM, DPM-Solver++(2M)) and classifier-free guidance.
 
-Each loop is a single `jax.lax.fori_loop` from the last step to step 0, so the whole sampler
-compiles once; noise for step i is `normal(fold_in(key, i))`, which makes a run reproducible
-from its key regardless of how many steps there are.
+Each loop is `jax.lax.fori_loop`s from the last step to step 0 (one loop, or three when a
+guidance interval switches guidance off at both ends), so the whole sampler compiles once;
+noise for step i is `normal(fold_in(key, i))`, which makes a run reproducible from its key
+regardless of how many steps there are.
+
+A sampler's state is a carry `(x, x0_before)`: the current x and, for DPM-Solver++(2M), the
+previous step's prediction of the clean image (DDPM and DDIM pass it through untouched).
+Under guidance the carry holds the conditional rows only; the model function doubles them
+into [x; x] with labels [y; null] for the network, as the reference does, and returns the
+guided output of the conditional rows.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .gaussian import GaussianDiffusion, ModelFn, gather
+from .respace import space_timesteps
 
 ApplyFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+Carry = tuple[jax.Array, jax.Array]
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+# a multistep solver needs an earlier prediction to be better than first order
+MIN_STEPS = {"dpmpp2m": 2}
 
 
 def _step_noise(key: jax.Array, step: jax.Array, x: jax.Array) -> jax.Array:
@@ -61,98 +75,179 @@ def ddim_step(
     return mean + nonzero * sigma * _step_noise(key, step, x)
 
 
-SAMPLERS = ("ddpm", "ddim")
+def dpmpp2m_step(
+    diffusion: GaussianDiffusion, model_fn: ModelFn, carry: Carry, step: jax.Array
+) -> Carry:
+    """Multistep DPM-Solver++ (second order, data prediction; Lu et al. 2022) from step
+    `step` to the one before it, on the diffusion's own alpha_bars. The network's eps (the
+    first half of a learned-sigma output) gives the clean-image prediction x0; the update
+    extrapolates it with the previous step's (`gaussian.GaussianDiffusion`'s dpm_* tables).
+    Deterministic: it solves the probability-flow ODE."""
+    x, x0_before = carry
+    t = jnp.full((x.shape[0],), step, jnp.int32)
+    eps = model_fn(x, diffusion.original_timesteps(t))[..., : x.shape[-1]]
+    x0 = diffusion.predict_xstart_from_eps(x, t, eps)
+    nd = x.ndim
+    extrapolated = x0 + gather(diffusion.dpm_x0_weight, t, nd) * (x0 - x0_before)
+    x = gather(diffusion.dpm_sigma_ratio, t, nd) * x + gather(
+        diffusion.dpm_x0_coef, t, nd
+    ) * extrapolated
+    return x, x0
+
+
+def init_carry(x: jax.Array) -> Carry:
+    """The sampler state at x_T: (x_T, no earlier clean-image prediction yet)."""
+    return x, jnp.zeros_like(x)
 
 
 def sampler_step(
-    diffusion: GaussianDiffusion, model_fn: ModelFn, x: jax.Array, step: jax.Array,
+    diffusion: GaussianDiffusion, model_fn: ModelFn, carry: Carry, step: jax.Array,
     key: jax.Array, *, sampler: str = "ddpm", eta: float = 0.0,
-) -> jax.Array:
-    """One reverse step (index `step` of this diffusion) of the named sampler."""
+) -> Carry:
+    """One reverse step (index `step` of this diffusion) of the named sampler, on the carry
+    `(x, x0_before)` (see `init_carry`)."""
+    if sampler == "dpmpp2m":
+        return dpmpp2m_step(diffusion, model_fn, carry, step)
+    x, x0_before = carry
     if sampler == "ddpm":
-        return ddpm_step(diffusion, model_fn, x, step, key)
+        return ddpm_step(diffusion, model_fn, x, step, key), x0_before
     if sampler == "ddim":
-        return ddim_step(diffusion, model_fn, x, step, key, eta)
+        return ddim_step(diffusion, model_fn, x, step, key, eta), x0_before
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
 
 
 def sample_loop(
     diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: jax.Array, key: jax.Array, *,
-    sampler: str = "ddpm", eta: float = 0.0,
+    sampler: str = "ddpm", eta: float = 0.0, guided_fn: ModelFn | None = None,
+    guided_steps: tuple[int, int] | None = None,
 ) -> jax.Array:
-    """Run the full reverse process from x_T to x_0 in one fori_loop (jittable).
+    """Run the full reverse process from x_T to x_0 (jittable).
 
     `model_fn(x, t)` receives the ORIGINAL timesteps (diffusion.timestep_map), never the
-    respaced index. `key` is a single key or one key per row of x_T.
+    respaced index. `key` is a single key or one key per row of x_T. `guided_fn`, if given,
+    replaces `model_fn` at the step indices [first, stop) of `guided_steps` (all steps when
+    None; see `guidance_steps`): each stretch of steps with one function is one fori_loop.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     n = diffusion.num_timesteps
+    if guided_fn is None:
+        segments = [(0, n, model_fn)]
+    else:
+        first, stop = (0, n) if guided_steps is None else guided_steps
+        segments = [(stop, n, model_fn), (first, stop, guided_fn), (0, first, model_fn)]
 
-    def body(i, x):
-        return sampler_step(diffusion, model_fn, x, n - 1 - i, key, sampler=sampler, eta=eta)
+    carry = init_carry(x_T)
+    for low, high, fn in segments:  # in the order visited: high step indices first
+        if high <= low:
+            continue
 
-    return jax.lax.fori_loop(0, n, body, x_T)
+        def body(i, carry, fn=fn, high=high):
+            return sampler_step(diffusion, fn, carry, high - 1 - i, key, sampler=sampler,
+                                eta=eta)
+
+        carry = jax.lax.fori_loop(0, high - low, body, carry)
+    return carry[0]
+
+
+# ----------------------------------------------------------------------------------- guidance
+
+
+def parse_cfg_interval(spec) -> tuple[float, float]:
+    """A guidance interval from a flag ("0.2,0.8") or a config pair: (lo, hi) with
+    0 <= lo <= hi <= 1, fractions of the training timesteps (see `guidance_steps`)."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",")]
+    else:
+        parts = list(spec) if isinstance(spec, Sequence) else [spec]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"guidance interval {spec!r} is not two fractions LO,HI like 0.2,0.8"
+        ) from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(
+            f"guidance interval {spec!r}: need 0 <= LO <= HI <= 1 (fractions of the noise "
+            "range: 0,1 guides every step)"
+        )
+    return lo, hi
+
+
+def guidance_steps(diffusion: GaussianDiffusion, interval) -> tuple[int, int]:
+    """The step indices [first, stop) of `diffusion` that are guided under `interval`
+    (LO, HI): those whose model-input timestep t satisfies LO <= t / T < HI, T the training
+    timesteps (1000: "0,1" guides every step, "0.3,0.3" none). Timesteps grow with the
+    index, so the guided steps are one contiguous stretch."""
+    lo, hi = parse_cfg_interval(interval)
+    frac = diffusion.timestep_map / diffusion.train_timesteps
+    guided = np.flatnonzero((frac >= lo) & (frac < hi))
+    if len(guided) == 0:
+        return 0, 0
+    return int(guided[0]), int(guided[-1]) + 1
 
 
 def classifier_free_guidance(
     apply_fn: ApplyFn, y: jax.Array, null_label: int, scale: float,
     guided_channels: int | None = 3,
 ) -> ModelFn:
-    """Wrap a label-conditioned network into a model_fn for a doubled batch [z; z'].
+    """Wrap a label-conditioned network into a guided model_fn for the conditional rows x.
 
-    The network sees [x_1; x_1] (x_1 = the first half) with labels [y; null]; the guided eps
-    `uncond + scale * (cond - uncond)` replaces the first
-    `guided_channels` eps channels of both halves. The reference DiT guides only 3 of the 4
-    eps channels (guided_channels=3, kept for reproducing published FIDs); None guides all eps
-    channels. Remaining channels stay each half's own output; the caller keeps the first half.
+    The network sees [x; x] with labels [y; null]; the guided eps
+    `uncond + scale * (cond - uncond)` replaces the first `guided_channels` eps channels of
+    the conditional output. The reference DiT guides only 3 of the 4 eps channels
+    (guided_channels=3, kept for reproducing published FIDs); None guides all eps channels.
     """
 
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         inputs, labels = guided_inputs(x, y, null_label)
-        return combine_guided(apply_fn(inputs, t, labels), scale, guided_channels)
+        t2 = jnp.concatenate([t, t], axis=0)
+        return combine_guided(apply_fn(inputs, t2, labels), scale, guided_channels)
 
     return model_fn
 
 
 def guided_inputs(x: jax.Array, y: jax.Array, null_label: int) -> tuple[jax.Array, jax.Array]:
-    """The network's inputs under guidance: ([x_1; x_1], [y; null]) for a doubled batch x.
-    As the reference, both halves are evaluated at the FIRST half's x (the second half's own
-    state is ignored; it would drift away under independent noise)."""
+    """The network's inputs under guidance for the conditional rows x: ([x; x], [y; null])."""
     y = jnp.asarray(y, jnp.int32)
-    b = x.shape[0] // 2
     labels = jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0)
-    return jnp.concatenate([x[:b], x[:b]], axis=0), labels
+    return jnp.concatenate([x, x], axis=0), labels
 
 
 def combine_guided(out: jax.Array, scale: float, guided_channels: int | None) -> jax.Array:
-    """The guided output of both halves from the network's output on `guided_inputs`."""
+    """The guided output of the conditional rows from the network's output on
+    `guided_inputs`: guided eps channels, the conditional half's own other channels."""
     b = out.shape[0] // 2
     g = out.shape[-1] // 2 if guided_channels is None else guided_channels
-    eps, rest = out[..., :g], out[..., g:]
-    cond, uncond = eps[:b], eps[b:]
-    half = uncond + scale * (cond - uncond)
-    return jnp.concatenate([jnp.concatenate([half, half], axis=0), rest], axis=-1)
+    cond, uncond = out[:b], out[b:]
+    half = uncond[..., :g] + scale * (cond[..., :g] - uncond[..., :g])
+    return jnp.concatenate([half, cond[..., g:]], axis=-1)
 
 
 def initial_noise(
-    key: jax.Array, indices: jax.Array, image_shape: tuple[int, ...], guided: bool
+    key: jax.Array, indices: jax.Array, image_shape: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
     """(x_T, per-row sampler keys) of a batch. Row r is image number indices[r] of the run:
-    its noise comes from fold_in(key, indices[r]). Under guidance the batch is doubled as
-    [z; z] (the second half's keys are folded once more; its state is never used)."""
+    its noise comes from fold_in(key, indices[r])."""
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     noise_keys, loop_keys = jax.vmap(jax.random.split, out_axes=1)(row_keys)
     z = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(noise_keys)
-    if guided:
-        z = jnp.concatenate([z, z], axis=0)
-        uncond_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(loop_keys)
-        loop_keys = jnp.concatenate([loop_keys, uncond_keys], axis=0)
     return z, loop_keys
 
 
-def check_sampler(sampler: str, guided_channels: int | None) -> int | None:
-    """Refuse an unknown sampler; returns guided_channels with -1 (all channels) as None."""
+def check_sampler(
+    sampler: str, guided_channels: int | None = None, sampling_steps: str | None = None,
+    train_timesteps: int = 1000,
+) -> int | None:
+    """Refuse an unknown sampler, or (if given) a step spacing it cannot run; returns
+    guided_channels with -1 (all channels) as None."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if sampling_steps is not None:
+        steps = len(space_timesteps(train_timesteps, str(sampling_steps)))
+        if steps < MIN_STEPS.get(sampler, 1):
+            raise ValueError(
+                f"the {sampler} sampler needs at least {MIN_STEPS[sampler]} sampling steps, "
+                f"got {steps} ({sampling_steps!r}); e.g. --sampling_steps=20"
+            )
     return None if guided_channels is not None and guided_channels < 0 else guided_channels

@@ -18,7 +18,11 @@ multiplies the unused ones by zero. The engine computes only what the routers ke
   With capacity = all tokens the engine equals the masked model (float round-off).
 
 Each step runs as: one compiled embedding call, the blocks, and one compiled call for the
-final layer, guidance and the sampler update. Nothing waits for the device inside a batch.
+final layer, guidance and the sampler update (any of `diffusion.SAMPLERS`; the plan covers
+exactly the timesteps the sampler feeds the network). Under guidance a step runs the doubled
+batch [x; x] with labels [y; null] inside the guidance interval and the conditional rows
+alone outside it (each batch size compiles its own programs). Nothing waits for the device
+inside a batch.
 The blocks run as two compiled calls each (attention, token MLP; `layers_per_call=1`, the
 default), each compiled once per shape (heads; groups and capacity): few signatures, 2 x
 depth calls per step. Or `layers_per_call=k` runs k consecutive blocks per call, compiled once
@@ -116,6 +120,7 @@ class DyDiTEngine:
         sampler: str = "ddpm",
         cfg_scale: float = 1.0,
         guided_channels: int | None = None,
+        cfg_interval=(0.0, 1.0),
         eta: float = 0.0,
         width_multiple: int = 1,
         capacity=None,
@@ -133,7 +138,9 @@ class DyDiTEngine:
         if config.scan_blocks:  # the engine runs (and slices) one layer at a time
             config, params, graphdef = models.unstack_blocks(config, params)
         self.compiler_options = compiler_options  # the run config's, for every jit
-        self.guided_channels = diffusion_lib.check_sampler(sampler, guided_channels)
+        self.guided_channels = diffusion_lib.check_sampler(
+            sampler, guided_channels, sampling_steps
+        )
         if capacity_multiple < 1:
             raise ValueError(f"capacity multiple must be >= 1, got {capacity_multiple}")
         if mlp_shape_budget < 1:
@@ -145,11 +152,17 @@ class DyDiTEngine:
         self.config, self.params = config, params
         self.graphdef, self.buffers = graphdef, parts.buffers
         self.sampler, self.eta, self.cfg_scale = sampler, eta, cfg_scale
+        self.sampling_steps = str(sampling_steps)
         self.guided = cfg_scale != 1.0
         self.width_multiple, self.capacity_multiple = width_multiple, capacity_multiple
         self.diffusion = diffusion_lib.create_diffusion(sampling_steps)
         steps = self.diffusion.num_timesteps
         self.step_indices = np.arange(steps - 1, -1, -1)  # the order the sampler visits them
+        # per visited step: does it run guided (the doubled batch)?
+        first, stop = diffusion_lib.guidance_steps(self.diffusion, cfg_interval)
+        self.guided_steps = self.guided & (self.step_indices >= first) & (
+            self.step_indices < stop
+        )
         self.plan: WidthPlan = width_plan(
             graphdef, params, parts.buffers, config,
             self.diffusion.timestep_map[self.step_indices],
@@ -192,7 +205,7 @@ class DyDiTEngine:
         head_dim = cfg.hidden_size // cfg.num_heads
         group_width = cfg.mlp_hidden // cfg.num_heads
         image_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
-        guided, diffusion = self.guided, self.diffusion
+        diffusion = self.diffusion
 
         def attention_slicer(attn, heads, valid):
             return slice_attention(attn, heads, valid, head_dim=head_dim)
@@ -201,9 +214,10 @@ class DyDiTEngine:
             return slice_mlp(mlp, groups, valid, width=group_width)
 
         def initial(key, indices, labels):
-            return diffusion_lib.initial_noise(key, indices, image_shape, guided)
+            x, keys = diffusion_lib.initial_noise(key, indices, image_shape)
+            return diffusion_lib.init_carry(x), keys
 
-        def embed(params, x, t, labels):
+        def embed(params, x, t, labels, guided):
             model = nnx.merge(graphdef, params, buffers)
             if guided:
                 x, labels = diffusion_lib.guided_inputs(x, labels, cfg.num_classes)
@@ -247,13 +261,13 @@ class DyDiTEngine:
                 stats.append(block_stats)
             return x, jnp.stack(stats, axis=1)
 
-        def finish(params, tokens, c, x, step, keys):
+        def finish(params, tokens, c, carry, step, keys, guided):
             raw = nnx.merge(graphdef, params, buffers).head(tokens, c)
             if guided:
                 raw = diffusion_lib.combine_guided(raw, self.cfg_scale, self.guided_channels)
             model_fn = lambda *_: raw
             return diffusion_lib.sampler_step(
-                diffusion, model_fn, x, step, keys, sampler=self.sampler, eta=self.eta
+                diffusion, model_fn, carry, step, keys, sampler=self.sampler, eta=self.eta
             )
 
         # Fixed output shardings: every call's inputs match what its executable was built for.
@@ -261,12 +275,13 @@ class DyDiTEngine:
         jit = functools.partial(
             parallel.jit, mesh=self.mesh, compiler_options=self.compiler_options
         )
-        self._initial = jit(initial, out_shardings=(rows, rows))
-        self._embed = jit(embed, out_shardings=(rows, rows))
+        self._initial = jit(initial, out_shardings=((rows, rows), rows))
+        self._embed = jit(embed, static_argnums=4, out_shardings=(rows, rows))
         self._attention = jit(attention, out_shardings=(rows, rows))
         self._token_mlp = jit(token_mlp, static_argnums=5, out_shardings=(rows, rows))
         self._blocks = jit(blocks, static_argnums=5, out_shardings=(rows, rows))
-        self._finish = jit(finish, donate_argnums=(3,), out_shardings=rows)
+        self._finish = jit(finish, static_argnums=6, donate_argnums=(3,),
+                           out_shardings=(rows, rows))
 
     def _schedule(self) -> None:
         """What runs at each (step, layer): head count (active, rounded up to the width
@@ -385,7 +400,7 @@ class DyDiTEngine:
         shape = (self.plan.num_steps, self.plan.depth)
         self.selected = np.zeros(shape, np.int64)
         self.overflow = np.zeros(shape, np.int64)
-        self.network_rows = 0
+        self.step_rows = np.zeros(self.plan.num_steps, np.int64)  # network rows per step
         self.sample_seconds = 0.0
 
     def _compile(self, key: tuple, fn, *args):
@@ -396,11 +411,12 @@ class DyDiTEngine:
             self.compile_seconds += time.perf_counter() - start
         return self.compiled[key]
 
-    def prepare(self, key, indices, labels) -> list:
+    def prepare(self, key, indices, labels) -> dict:
         """Compile every shape signature the plan and capacities need for this batch shape
         (before sampling, so that sampling times exclude compilation); returns the program:
         per step its block calls in order, (kind, first layer, compiled fn, its arguments
-        before the tokens), plus the initial, embedding and final functions."""
+        before the tokens), plus the initial function and, per guidance variant (True: the
+        doubled batch), the embedding and final functions."""
         program_key = (
             indices.shape, self.capacity_run.tobytes(), self.width_counts[1].tobytes()
         )
@@ -408,25 +424,35 @@ class DyDiTEngine:
             return self._programs[program_key]
         params, shape = self.params, indices.shape
         initial = self._compile(("initial", shape), self._initial, key, indices, labels)
-        x, keys = initial(key, indices, labels)
+        carry, keys = initial(key, indices, labels)
         t0 = jnp.int32(self.plan.timesteps[0])
-        embed = self._compile(("embed", shape), self._embed, params, x, t0, labels)
-        tokens, c = embed(params, x, t0, labels)
-        mods = None  # an example of the adaLN chunks, the token-MLP call's input
-        if self.layers_per_call == 1:
-            attn_args, _ = self.step_states[0][0]
-            example_attention = self._compile(
-                ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
-                *attn_args, tokens, c,
+        embeds, finishes, examples = {}, {}, {}
+        for guided in sorted({bool(g) for g in self.guided_steps}):
+            embed = self._compile(("embed", shape, guided), self._embed, params, carry[0], t0,
+                                  labels, guided)
+            tokens, c = embed(params, carry[0], t0, labels)
+            mods = None  # an example of the adaLN chunks, the token-MLP call's input
+            if self.layers_per_call == 1:
+                attn_args, _ = self.step_states[0][0]
+                example_attention = self._compile(
+                    ("attn", attn_args[1].shape[0], tokens.shape), self._attention,
+                    *attn_args, tokens, c,
+                )
+                _, mods = example_attention(*attn_args, tokens, c)
+            # These example runs carry collectives (guidance concatenates the halves across
+            # the batch shards); finish them before sampling dispatches its own: XLA:CPU can
+            # deadlock when two independent programs with collectives are in flight at once.
+            jax.block_until_ready((carry, keys, tokens, mods))
+            embeds[guided] = embed
+            finishes[guided] = self._compile(
+                ("finish", shape, guided), self._finish, params, tokens, c, carry,
+                jnp.int32(0), keys, guided,
             )
-            _, mods = example_attention(*attn_args, tokens, c)
-        # These example runs carry collectives (guidance concatenates the halves across the
-        # batch shards); finish them before sampling dispatches its own: XLA:CPU can deadlock
-        # when two independent programs with collectives are in flight at once.
-        jax.block_until_ready((x, keys, tokens, mods))
+            examples[guided] = (tokens, c, mods)
         steps = []
         n, k = self.config.num_tokens, self.layers_per_call
         for s in range(self.plan.num_steps):
+            tokens, c, mods = examples[bool(self.guided_steps[s])]
             calls = []  # (kind, first layer, compiled fn, its arguments before tokens)
             states = self.step_states[s]
             capacities = [min(int(cap), n) for cap in self.capacity_run[s]]
@@ -460,11 +486,7 @@ class DyDiTEngine:
                 calls += [("attention", first, attention, attn_args),
                           ("token_mlp", first, token_mlp, mlp_args)]
             steps.append(calls)
-        step = jnp.int32(0)
-        finish = self._compile(
-            ("finish", shape), self._finish, params, tokens, c, x, step, keys,
-        )
-        program = {"initial": initial, "embed": embed, "finish": finish, "steps": steps}
+        program = {"initial": initial, "embed": embeds, "finish": finishes, "steps": steps}
         self._programs[program_key] = program
         return program
 
@@ -490,28 +512,40 @@ class DyDiTEngine:
         key = on(jax.eval_shape(lambda: jax.random.key(0)), rep)
         indices = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-        x, keys = on_rows(jax.eval_shape(self._initial, key, indices, indices))
-        tokens, c = on_rows(jax.eval_shape(self._embed, params, x, scalar, indices))
+        carry, keys = on_rows(jax.eval_shape(self._initial, key, indices, indices))
 
         def kept(count):  # index and validity arrays of `count` heads (groups)
             return (jax.ShapeDtypeStruct((count,), jnp.int32, sharding=rep),
                     jax.ShapeDtypeStruct((count,), jnp.float32, sharding=rep))
 
-        heads_run, groups_run = self.width_counts
+        out = [("initial", self._initial.lower(key, indices, indices))]
         n = self.config.num_tokens
-        out = [("initial", self._initial.lower(key, indices, indices)),
-               ("embed", self._embed.lower(params, x, scalar, indices))]
-        mods = None
-        for count in sorted(set(heads_run.ravel().tolist())):
-            args = (block, *kept(count), tokens, c)
-            out.append((f"attention:heads={count}", self._attention.lower(*args)))
-            mods = mods or on_rows(jax.eval_shape(self._attention, *args)[1])
-        shapes = {(int(g), min(int(cap), n))
-                  for g, cap in zip(groups_run.ravel(), self.capacity_run.ravel(), strict=True)}
-        for groups, capacity in sorted(shapes):
-            out.append((f"token_mlp:groups={groups},capacity={capacity}",
-                        self._token_mlp.lower(block, *kept(groups), tokens, mods, capacity)))
-        out.append(("finish", self._finish.lower(params, tokens, c, x, scalar, keys)))
+        variants = sorted({bool(g) for g in self.guided_steps})
+        for guided in variants:
+            # both batch sizes in use (a guidance interval): name them apart
+            tag = f",rows={batch * (2 if guided else 1)}" if len(variants) > 1 else ""
+            where = self.guided_steps == guided
+            heads_run, groups_run = (counts[where] for counts in self.width_counts)
+            capacity_run = self.capacity_run[where]
+            tokens, c = on_rows(
+                jax.eval_shape(self._embed, params, carry[0], scalar, indices, guided)
+            )
+            out.append((f"embed{tag}",
+                        self._embed.lower(params, carry[0], scalar, indices, guided)))
+            mods = None
+            for count in sorted(set(heads_run.ravel().tolist())):
+                args = (block, *kept(count), tokens, c)
+                out.append((f"attention:heads={count}{tag}", self._attention.lower(*args)))
+                mods = mods or on_rows(jax.eval_shape(self._attention, *args)[1])
+            shapes = {(int(g), min(int(cap), n))
+                      for g, cap in zip(groups_run.ravel(), capacity_run.ravel(), strict=True)}
+            for groups, capacity in sorted(shapes):
+                out.append((
+                    f"token_mlp:groups={groups},capacity={capacity}{tag}",
+                    self._token_mlp.lower(block, *kept(groups), tokens, mods, capacity),
+                ))
+            out.append((f"finish{tag}", self._finish.lower(
+                params, tokens, c, carry, scalar, keys, guided)))
         return out
 
     def __call__(self, key, indices, labels) -> jax.Array:
@@ -523,18 +557,16 @@ class DyDiTEngine:
         x, stats = self._run(program, key, indices, labels, lambda _kind, _where, fn, *a: fn(*a))
         # Wait for the batch: the timing covers all of it, and no program with collectives
         # is left in flight when the caller dispatches another (see `prepare`).
-        out = jax.block_until_ready(x[: labels.shape[0]])
-        # (steps, layers, rows, [selected, overflow]); one transfer after the batch. Each
-        # call's stats are (rows, 2) for one block or (rows, k, 2) for k.
-        rows = x.shape[0]
-        stats = np.concatenate(
-            [np.asarray(st).reshape(rows, -1, 2) for st in jax.device_get(stats)], axis=1
-        )
-        stats = stats.transpose(1, 0, 2).reshape(*self.selected.shape, rows, 2)
-        self.selected += stats[..., 0].sum(-1)
-        self.overflow += stats[..., 1].sum(-1)
-        self._last_max = stats[..., 0].max(-1)
-        self.network_rows += x.shape[0]
+        out = jax.block_until_ready(x)
+        # One transfer after the batch. Each call's stats are (rows, 2) for one block or
+        # (rows, k, 2) for k, rows depending on the step's guidance: per (step, layer), the
+        # tokens selected and dropped summed over the rows, and the most one row selected.
+        per_call = [np.asarray(st).reshape(st.shape[0], -1, 2) for st in jax.device_get(stats)]
+        shape = self.selected.shape
+        self.selected += np.concatenate([st[..., 0].sum(0) for st in per_call]).reshape(shape)
+        self.overflow += np.concatenate([st[..., 1].sum(0) for st in per_call]).reshape(shape)
+        self._last_max = np.concatenate([st[..., 0].max(0) for st in per_call]).reshape(shape)
+        self.step_rows += labels.shape[0] * np.where(self.guided_steps, 2, 1)
         self.sample_seconds += time.perf_counter() - start
         return out
 
@@ -544,11 +576,14 @@ class DyDiTEngine:
         fn, *args)` (kind: "embed", "attention", "token_mlp", "blocks" (layers_per_call > 1:
         layer is the chunk's first), "finish"; layer -1 for embed and finish); `profile`
         times them."""
-        params, embed, finish = self.params, program["embed"], program["finish"]
-        x, keys = program["initial"](key, indices, labels)
+        params = self.params
+        carry, keys = program["initial"](key, indices, labels)
         stats, in_flight = [], 0
         for s in range(self.plan.num_steps):
-            tokens, c = call("embed", (s, -1), embed, params, x, self._timesteps[s], labels)
+            guided = bool(self.guided_steps[s])
+            embed, finish = program["embed"][guided], program["finish"][guided]
+            tokens, c = call("embed", (s, -1), embed, params, carry[0], self._timesteps[s],
+                             labels)
             for kind, layer, fn, args in program["steps"][s]:
                 if kind == "attention":
                     tokens, mods = call(kind, (s, layer), fn, *args, tokens, c)
@@ -560,11 +595,12 @@ class DyDiTEngine:
                 if self._pace_every and in_flight >= self._pace_every:
                     tokens.block_until_ready()
                     in_flight = 0
-            x = call("finish", (s, -1), finish, params, tokens, c, x, self._steps[s], keys)
+            carry = call("finish", (s, -1), finish, params, tokens, c, carry, self._steps[s],
+                         keys)
             if self._pace_every:
-                x.block_until_ready()
+                jax.block_until_ready(carry)
                 in_flight = 0
-        return x, stats
+        return carry[0], stats
 
     def profile(self, key, indices, labels) -> list[dict]:
         """One batch that waits after every compiled call (so slower than `__call__`, which
@@ -577,14 +613,16 @@ class DyDiTEngine:
         cfg = self.config
         attn_macs, _ = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
         group_width = cfg.mlp_hidden // cfg.num_heads
-        rows = indices.shape[0] * (2 if self.guided else 1)  # both guidance halves
+        # rows per step: both guidance halves inside the guidance interval
+        step_rows = indices.shape[0] * np.where(self.guided_steps, 2, 1)
         records: list[dict] = []
 
-        def attention_macs(heads: int) -> int:
-            return rows * attn_macs * heads // cfg.num_heads
+        def attention_macs(heads: int, step: int) -> int:
+            return int(step_rows[step]) * attn_macs * heads // cfg.num_heads
 
         def mlp_macs(groups: int, step: int, layer: int) -> tuple[int, int]:
             capacity = min(int(self.capacity_run[step, layer]), cfg.num_tokens)
+            rows = int(step_rows[step])
             return capacity, rows * 2 * capacity * cfg.hidden_size * groups * group_width
 
         def timed(kind, where, fn, *args):
@@ -596,7 +634,7 @@ class DyDiTEngine:
             # the shape as run: the length of the kept index array (padding included)
             if kind == "attention":
                 heads = args[1].shape[0]
-                record |= {"heads": heads, "macs": attention_macs(heads)}
+                record |= {"heads": heads, "macs": attention_macs(heads, step)}
             elif kind == "token_mlp":
                 groups = args[1].shape[0]
                 capacity, macs = mlp_macs(groups, step, layer)
@@ -604,7 +642,7 @@ class DyDiTEngine:
             elif kind == "blocks":
                 heads = [index.shape[0] for index, _ in args[1]]
                 groups = [index.shape[0] for index, _ in args[2]]
-                macs = sum(attention_macs(h) for h in heads) + sum(
+                macs = sum(attention_macs(h, step) for h in heads) + sum(
                     mlp_macs(g, step, layer + i)[1] for i, g in enumerate(groups)
                 )
                 record |= {"layers": len(heads), "macs": macs}
@@ -622,6 +660,9 @@ class DyDiTEngine:
         heads_run, groups_run = self.width_counts
         capacity_run = np.minimum(self.capacity_run, n) / n
         out = {
+            "sampler": self.sampler,
+            "sampling_steps": self.sampling_steps,
+            "guided_steps": int(self.guided_steps.sum()),
             "plan_flops_ratio": plan.flops_ratio(),
             "signatures": sum(1 for k in self.compiled if k[0] in ("attn", "mlp", "blocks")),
             "layers_per_call": self.layers_per_call,
@@ -635,9 +676,8 @@ class DyDiTEngine:
                 ).mean()
             ),
         }
-        if self.network_rows:
-            tokens = self.network_rows * n
-            run = (self.selected - self.overflow) / tokens
+        if self.step_rows.any():
+            run = (self.selected - self.overflow) / (self.step_rows[:, None] * n)
             out |= {
                 "achieved_flops_ratio": plan.flops_ratio(run),
                 "token_fraction": float(run.mean()),

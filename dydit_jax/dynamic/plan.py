@@ -63,6 +63,7 @@ class WidthPlan:
         counts = {(len(h), len(g)) for h, g in zip(heads.flat, groups.flat, strict=True)}
         return {
             "steps": self.num_steps,
+            "timesteps": self.timesteps.tolist(),  # the network's, in the order run
             "layers": self.depth,
             "width_flops_ratio": round(self.flops_ratio(), 4),
             "mean_heads": round(float(self.heads.sum(-1).mean()), 3),

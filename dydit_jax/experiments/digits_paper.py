@@ -107,8 +107,9 @@ def stages(workdir: str, scale: str, lambdas: list[float]) -> list[Stage]:
         out.append(Stage(f"DyDiT lambda={lam}", f"dydit_{lam}", config))
     u = shorten(udit.get_config("digits"), steps["udit"])
     u.model_overrides.hidden_size = 16 if tiny else UDIT_HIDDEN
-    if tiny:  # one block per stage, XLA's grouped conv: the smoke run is mostly compilation
-        u.model_overrides.update(depth_latent=1, depthwise="xla")
+    if tiny:  # one block per stage, XLA's grouped conv, the plain baseline's MLP: the smoke
+        # run is mostly compilation
+        u.model_overrides.update(depth_latent=1, depthwise="xla", vanilla=True)
     out.append(Stage("U-DiT", "udit", u))
     return out
 
@@ -133,15 +134,17 @@ def train(stage: Stage, workdir: str) -> float | None:
 
 
 def sample(workdir: str, labels: np.ndarray, *, sampling_steps: str, seed: int,
-           batch_size: int) -> dict:
+           batch_size: int, sampler: str | None = None) -> dict:
     """Samples of a trained stage and the wall-clock cost: the first batch compiles (and, for
-    DyDiT, calibrates the token capacities); images/s is timed over the other batches."""
+    DyDiT, calibrates the token capacities); images/s is timed over the other batches.
+    `sampler`: default the run config's."""
     mesh = parallel.make_mesh((-1, 1, 1))
     with jax.set_mesh(mesh):
         _, config, parts, weights = model_parts.restore_weights(workdir, mesh)
         parts, weights = sample_lib.inference_form(parts, weights, mesh,
                                                    config.get("sharding_rules"))
-        options = dict(mesh=mesh, sampling_steps=sampling_steps, sampler=config.sample.sampler,
+        options = dict(mesh=mesh, sampling_steps=sampling_steps,
+                       sampler=sampler or config.sample.sampler,
                        cfg_scale=config.sample.cfg_scale,
                        guided_channels=config.sample.guided_channels,
                        compiler_options=config.get("compiler_options"))
