@@ -364,3 +364,38 @@ def test_speedup_bench_on_a_trained_digits_dydit(dydit_workdir, capsys):
     text = "\n".join(out)
     assert "wall/FLOPs" in text and "profile (one batch" in text
     assert "GMAC/s by heads" in text and "DiT sampler:" in text
+
+
+def test_samplers_bench_writes_rows_and_resumes(dydit_workdir, tmp_path, capsys):
+    from bench import samplers
+
+    out = tmp_path / "rows.jsonl"
+    argv = [f"--workdirs=DyDiT={dydit_workdir}", "--runs=ddpm:3,dpmpp2m:logsnr3",
+            "--num_samples=20", "--batch_size=10", f"--out={out}",
+            f"--classifier_dir={tmp_path / 'classifier'}", f"--table={tmp_path / 'table.md'}"]
+    samplers.main(argv)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["sampler"], r["steps"], r["num_steps"]) for r in rows] == [
+        ("ddpm", "3", 3), ("dpmpp2m", "logsnr3", 3)]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["fid"] >= 0 and 0 <= r["class_accuracy"] <= 1
+        assert r["engine"]["tokens_overflow"] >= 0  # the DyDiT ran the engine
+    table = (tmp_path / "table.md").read_text()
+    assert "| DyDiT | dpmpp2m | 3 | log-SNR |" in table
+    capsys.readouterr()
+    samplers.main(argv)  # every row is already there: nothing is sampled again
+    assert "[DyDiT]" not in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        samplers.main([f"--workdirs=DyDiT={dydit_workdir}", "--runs=dpmpp2m:1"])
+
+
+def test_the_planner_lowers_both_batch_sizes_of_a_guidance_interval():
+    parts, params, mesh = random_dydit()
+    with jax.set_mesh(mesh):
+        engine = DyDiTEngine(parts, params, mesh=mesh, sampling_steps=STEPS, cfg_scale=2.0,
+                             sampler="dpmpp2m", cfg_interval=(0.3, 0.7))
+        names = [name for name, _ in engine.lowered_programs(mesh, parts.param_shardings, 8)]
+    # guided steps run 16 rows, the others 8: each size has its embedding and final call
+    assert {"embed,rows=16", "embed,rows=8", "finish,rows=16", "finish,rows=8"} <= set(names)
+    assert any(n.startswith("attention:") and n.endswith(",rows=8") for n in names)
