@@ -8,6 +8,7 @@ counted once) are explained in the benchmark's docstring and not asserted here.
 """
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -62,3 +63,33 @@ def test_torch_reference_forward_and_train_rows(capsys):
     speedups = dict(item.split("=") for item in out[-1].split())
     assert set(speedups) == {"speedup_forward_float32", "speedup_train_float32"}
     assert all(float(v) > 0 for v in speedups.values())
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_writes_every_part(tmp_path, capsys):
+    """bench/gpu_suite.py --dry-run: the GPU suite's code on toy sizes (here 8 CPU devices);
+    every timed call ran under a transfer guard (no host round-trip inside a train step or
+    a sampling batch)."""
+    from bench import gpu_suite
+
+    out = tmp_path / "suite.json"
+    gpu_suite.main(["--dry-run", f"--out={out}"])
+    saved = json.loads(out.read_text())
+    meta = saved["meta"]
+    assert meta["dry_run"] is True and meta["peak_source"]
+    context = ("device", "jax", "jaxlib", "xla_flags", "date", "command")
+    rows = saved["rows"]
+    assert [r["part"] for r in rows] == ["train", "udit_vs_dit", "udit_vs_dit"] + [
+        "sampling"] * 3
+    for r in rows:
+        assert all(key in r for key in context) and "--dry-run" in r["command"]
+    train = rows[0]
+    assert train["batch_per_device"] == 4 and train["images_per_s"] > 0  # no limit on a CPU
+    assert train["compile_s"] > 0 and train["program_bytes"] > 0
+    assert rows[2]["udit_over_dit"] > 0
+    dit, udit, dydit = rows[3:]
+    assert [r["model"] for r in (dit, udit)] == ["DiT-XL/2", "U-DiT-B"]
+    assert all(r["images_per_s_250"] > 0 for r in (dit, udit, dydit))
+    assert dydit["flops_ratio"] > 1 and dydit["wall_ratio"] > 0  # the engine cut FLOPs
+    text = capsys.readouterr().out
+    assert "| DiT-XL/2 | xla | dots | 4 |" in text and "| DyDiT-XL/2 lambda 0.5" in text

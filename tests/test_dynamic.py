@@ -399,3 +399,19 @@ def test_the_planner_lowers_both_batch_sizes_of_a_guidance_interval():
     # guided steps run 16 rows, the others 8: each size has its embedding and final call
     assert {"embed,rows=16", "embed,rows=8", "finish,rows=16", "finish,rows=8"} <= set(names)
     assert any(n.startswith("attention:") and n.endswith(",rows=8") for n in names)
+
+
+def test_a_sampling_batch_makes_no_host_transfers_between_its_calls():
+    """Inside a batch (every step: embedding, blocks, sampler update) nothing moves between
+    host and device: each call's inputs are already on device (on a GPU, a transfer would
+    stall the queue of calls)."""
+    parts, params, mesh = random_dydit()
+    with jax.set_mesh(mesh):
+        engine = DyDiTEngine(parts, params, mesh=mesh, sampling_steps=STEPS, cfg_scale=2.0,
+                             sampler="dpmpp2m", cfg_interval=(0.3, 0.7), capacity=0.75)
+        key, indices, labels = batch(mesh)
+        program = engine.prepare(key, indices, labels)
+        with jax.transfer_guard("disallow"):
+            x, stats = engine._run(program, key, indices, labels, lambda _k, _w, fn, *a: fn(*a))
+            jax.block_until_ready((x, stats))
+    assert np.isfinite(np.asarray(x)).all()
