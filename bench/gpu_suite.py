@@ -72,9 +72,10 @@ DRY = FULL | dict(
     sample_batch=2, sample_steps=4, iters=1, warmup=0,
     overrides={"DiT": dict(depth=2, hidden_size=64, num_heads=2),
                "DyDiT": dict(depth=2, hidden_size=64, num_heads=2),
-               # (and XLA's grouped conv for the depthwise kernels: compiles fastest)
+               # (the plain baseline, XLA's grouped conv for its depthwise kernels: the
+               # U-DiT that compiles fastest)
                "U-DiT": dict(hidden_size=16, num_heads=2, depth_level1=1, depth_level2=1,
-                             depth_latent=1, depthwise="xla")},
+                             depth_latent=1, depthwise="xla", vanilla=True)},
 )
 GUIDANCE = 1.5
 DYDIT_LAMBDA = 0.5
