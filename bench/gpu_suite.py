@@ -68,7 +68,7 @@ FULL = dict(
 QUICK = FULL | dict(attentions=("cudnn",), batches=(32, 64, 128), iters=3, warmup=1)
 # toy sizes: the same code in seconds (CPU); `attention` falls back where cudnn is absent
 DRY = FULL | dict(
-    image_size=8, batches=(2, 4), attentions=("xla",), remats=("dots",), udit_batch=2,
+    image_size=8, batches=(2, 4), attentions=("xla",), remats=("dots",), udit_batch=4,
     sample_batch=2, sample_steps=4, iters=1, warmup=0,
     overrides={"DiT": dict(depth=2, hidden_size=64, num_heads=2),
                "DyDiT": dict(depth=2, hidden_size=64, num_heads=2),
@@ -224,7 +224,10 @@ def training(sizes, mesh, peak, meta) -> list[dict]:
 def udit_vs_dit(sizes, mesh, meta) -> list[dict]:
     rows, speeds = [], {}
     batch = sizes["udit_batch"] * mesh.size
-    for name, model in (("DiT-XL/2", dict(scan_blocks=True)), ("U-DiT-B", {})):
+    # both with the first training row's attention (and, for DiT, its remat)
+    attention, remat = sizes["attentions"][0], sizes["remats"][0]
+    for name, model in (("DiT-XL/2", dict(scan_blocks=True, remat=remat, attention=attention)),
+                        ("U-DiT-B", dict(attention=attention))):
         step = TrainStep(name, sizes, batch, mesh, **model)
         seconds = step.run(warmup=sizes["warmup"], iters=sizes["iters"])
         speeds[name] = batch / seconds

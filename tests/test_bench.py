@@ -86,7 +86,7 @@ def test_gpu_suite_dry_run_writes_every_part(tmp_path, capsys):
     train = rows[0]
     assert train["batch_per_device"] == 4 and train["images_per_s"] > 0  # no limit on a CPU
     assert train["compile_s"] > 0 and train["program_bytes"] > 0
-    assert rows[2]["udit_over_dit"] > 0
+    assert rows[2]["udit_over_dit"] > 0 and rows[1]["batch_per_device"] == 4
     dit, udit, dydit = rows[3:]
     assert [r["model"] for r in (dit, udit)] == ["DiT-XL/2", "U-DiT-B"]
     assert all(r["images_per_s_250"] > 0 for r in (dit, udit, dydit))
