@@ -112,17 +112,9 @@ def peak_memory() -> float | None:
 def timed(fn, args, *, warmup: int, iters: int, carry=None) -> float:
     """Median seconds of `fn(*args)` over `iters` calls after `warmup`, under a transfer
     guard (no implicit host <-> device copies inside a call)."""
-    times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        with jax.transfer_guard("disallow"):
-            out = fn(*args)
-            jax.block_until_ready(out)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        if carry is not None:
-            args = carry(out, args)
-    return float(np.median(times))
+    seconds, _ = throughput.median_call_seconds(fn, args, warmup=warmup, iters=iters,
+                                                carry=carry, transfer_guard="disallow")
+    return seconds
 
 
 class TrainStep:

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import os
 import statistics
@@ -245,18 +246,30 @@ def measure(fn, args, *, warmup: int, iters: int, carry=None):
         result["skipped"] = (f"needs {new_bytes / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB "
                              "available")
         return result
+    result["median_s"], result["args"] = median_call_seconds(
+        compiled, args, warmup=warmup, iters=iters, carry=carry)
+    return result
+
+
+def median_call_seconds(fn, args, *, warmup: int, iters: int, carry=None,
+                        transfer_guard: str | None = None):
+    """(median seconds of `fn(*args)` over `iters` calls after `warmup`, each ended by
+    `jax.block_until_ready`; the arguments after the last call). `carry(out, args) -> args`
+    threads outputs into the next call; `transfer_guard` (e.g. "disallow") wraps each call
+    in `jax.transfer_guard`."""
     times = []
     for i in range(warmup + iters):
+        guard = (jax.transfer_guard(transfer_guard) if transfer_guard
+                 else contextlib.nullcontext())
         t0 = time.perf_counter()
-        out = compiled(*args)
-        jax.block_until_ready(out)
+        with guard:
+            out = fn(*args)
+            jax.block_until_ready(out)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         if carry is not None:
             args = carry(out, args)
-    result["median_s"] = statistics.median(times)
-    result["args"] = args
-    return result
+    return statistics.median(times), args
 
 
 def random_inputs(batch: int, size: int, num_classes: int, seed: int):

@@ -212,7 +212,7 @@ def validate_config(
     try:
         diffusion_lib.check_sampler(config.sample.sampler, None, config.sample.steps,
                                     config.diffusion_steps)
-        diffusion_lib.parse_cfg_interval(config.sample.get("cfg_interval", (0.0, 1.0)))
+        cfg_interval(config.sample)
     except ValueError as e:
         raise ValueError(f"config.sample: {e}") from None
     engine_options(config.sample)  # validates the DyDiT engine's sampling options
@@ -311,6 +311,12 @@ def check_sharding_rules(config: ml_collections.ConfigDict) -> None:
             f"config.sharding_rules: {e}; give (logical name, mesh axis or None) pairs, e.g. "
             f"{parallel.DEFAULT_RULES[:2]}"
         ) from None
+
+
+def cfg_interval(sample: ml_collections.ConfigDict) -> tuple[float, float]:
+    """`sample.cfg_interval` checked, as (lo, hi); (0, 1), every step guided, for run
+    configs from before the field existed."""
+    return diffusion_lib.parse_cfg_interval(sample.get("cfg_interval", (0.0, 1.0)))
 
 
 def engine_options(sample: ml_collections.ConfigDict, **overrides) -> dict:

@@ -135,7 +135,7 @@ def sample_program(config, model_config, mesh):
     sampler = sample_lib.make_batch_sampler(
         parts, mesh=mesh, sampling_steps=s.steps, sampler=s.sampler,
         cfg_scale=float(s.cfg_scale), guided_channels=s.guided_channels,
-        cfg_interval=s.get("cfg_interval", (0.0, 1.0)),
+        cfg_interval=config_lib.cfg_interval(s),
         compiler_options=config.get("compiler_options"),
     )
     rows, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
@@ -191,7 +191,7 @@ def engine_programs(config, model_config, mesh, log=print):
         engine = DyDiTEngine(
             cpu_parts, params, mesh=cpu, sampling_steps=s.steps, sampler=s.sampler,
             cfg_scale=float(s.cfg_scale), guided_channels=s.guided_channels,
-            cfg_interval=s.get("cfg_interval", (0.0, 1.0)), capacity=capacity, **options,
+            cfg_interval=config_lib.cfg_interval(s), capacity=capacity, **options,
         )
     report = engine.report()
     ratio = report.get("executed_flops_ratio", engine.plan.flops_ratio())
@@ -297,7 +297,7 @@ def sample_flops_per_image(config, model_config) -> float:
     diffusion = diffusion_lib.create_diffusion(s.steps, config.diffusion_steps)
     guided = 0
     if float(s.cfg_scale) != 1.0:
-        first, stop = diffusion_lib.guidance_steps(diffusion, s.get("cfg_interval", (0, 1)))
+        first, stop = diffusion_lib.guidance_steps(diffusion, config_lib.cfg_interval(s))
         guided = stop - first
     return (diffusion.num_timesteps + guided) * forward_flops(model_config)
 

@@ -433,9 +433,7 @@ def sample_from_workdir(
     # the spacing, and a step count the sampler can run
     diffusion_lib.check_sampler(sampler, None, sampling_steps, config.diffusion_steps)
     if cfg_interval is None:
-        cfg_interval = diffusion_lib.parse_cfg_interval(
-            sample_cfg.get("cfg_interval", (0.0, 1.0))
-        )
+        cfg_interval = config_lib.cfg_interval(sample_cfg)
     model_config = config_lib.validate_config(config, training=False)
     label_array = make_labels(labels, num_samples, model_config.num_classes, seed)
     if dynamic is None:

@@ -364,7 +364,7 @@ def _make_grid_sampler(parts: model_parts.ModelParts, config, mesh):
     return sample_lib.make_batch_sampler(
         parts, mesh=mesh, sampling_steps=config.sample.steps, sampler=config.sample.sampler,
         cfg_scale=config.sample.cfg_scale, guided_channels=config.sample.guided_channels,
-        cfg_interval=config.sample.get("cfg_interval", (0.0, 1.0)),
+        cfg_interval=config_lib.cfg_interval(config.sample),
         compiler_options=config.get("compiler_options"),
     )
 

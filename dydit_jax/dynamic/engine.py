@@ -403,6 +403,15 @@ class DyDiTEngine:
         self.step_rows = np.zeros(self.plan.num_steps, np.int64)  # network rows per step
         self.sample_seconds = 0.0
 
+    def _guidance_variants(self) -> list[bool]:
+        """The guidance settings the steps run with (True: the doubled batch)."""
+        return sorted({bool(g) for g in self.guided_steps})
+
+    def _rows_per_step(self, batch: int) -> np.ndarray:
+        """(S,) network rows of each step for `batch` images: both guidance halves on the
+        guided steps."""
+        return batch * np.where(self.guided_steps, 2, 1)
+
     def _compile(self, key: tuple, fn, *args):
         """`fn` compiled for these arguments' shapes (once per key, timed)."""
         if key not in self.compiled:
@@ -427,7 +436,7 @@ class DyDiTEngine:
         carry, keys = initial(key, indices, labels)
         t0 = jnp.int32(self.plan.timesteps[0])
         embeds, finishes, examples = {}, {}, {}
-        for guided in sorted({bool(g) for g in self.guided_steps}):
+        for guided in self._guidance_variants():
             embed = self._compile(("embed", shape, guided), self._embed, params, carry[0], t0,
                                   labels, guided)
             tokens, c = embed(params, carry[0], t0, labels)
@@ -520,7 +529,7 @@ class DyDiTEngine:
 
         out = [("initial", self._initial.lower(key, indices, indices))]
         n = self.config.num_tokens
-        variants = sorted({bool(g) for g in self.guided_steps})
+        variants = self._guidance_variants()
         for guided in variants:
             # both batch sizes in use (a guidance interval): name them apart
             tag = f",rows={batch * (2 if guided else 1)}" if len(variants) > 1 else ""
@@ -566,7 +575,7 @@ class DyDiTEngine:
         self.selected += np.concatenate([st[..., 0].sum(0) for st in per_call]).reshape(shape)
         self.overflow += np.concatenate([st[..., 1].sum(0) for st in per_call]).reshape(shape)
         self._last_max = np.concatenate([st[..., 0].max(0) for st in per_call]).reshape(shape)
-        self.step_rows += labels.shape[0] * np.where(self.guided_steps, 2, 1)
+        self.step_rows += self._rows_per_step(labels.shape[0])
         self.sample_seconds += time.perf_counter() - start
         return out
 
@@ -613,8 +622,7 @@ class DyDiTEngine:
         cfg = self.config
         attn_macs, _ = flops.block_costs(cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden)
         group_width = cfg.mlp_hidden // cfg.num_heads
-        # rows per step: both guidance halves inside the guidance interval
-        step_rows = indices.shape[0] * np.where(self.guided_steps, 2, 1)
+        step_rows = self._rows_per_step(indices.shape[0])
         records: list[dict] = []
 
         def attention_macs(heads: int, step: int) -> int:
