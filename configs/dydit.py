@@ -59,6 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (train_without_completemodel.py) to 200k; threshold 200 in both
         config.dydit.complete_model_steps = 30_000
         config.grad_skip_norm = 200.0
+        # float32 with two forwards per step in stage 1 (dynamic and complete model): keep
+        # only the matmul outputs and recompute the rest in the backward pass, so a 1024
+        # batch fits 16 GiB chips (BENCHMARKS.md, Pod plans). Same numbers; `remat=none` is
+        # faster where memory allows.
+        config.model_overrides.remat = "dots"
         if lam == 0.7:  # train0.7.sh: stage 1 only, all 150k steps
             config.num_steps = 150_000
             config.dydit.complete_model_steps = config.num_steps

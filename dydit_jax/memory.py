@@ -113,25 +113,25 @@ def memory_plan(
     model_config = config_lib.validate_config(config, training=False)
     shape = parallel.resolve_mesh_shape(mesh_shape, num_devices)
     sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
-    mesh = SimpleNamespace(shape=sizes)  # all that logical_to_mesh_spec reads
+    mesh = SimpleNamespace(shape=sizes)  # all that stored_form reads
     rules = parallel.rules_dict(config.sharding_rules)
 
     _, shapes, logical = model_parts.abstract_model(model_config)
-    factors = jax.tree.map(
-        lambda spec, x: _shard_factor(
-            parallel.logical_to_mesh_spec(spec, x.shape, mesh, rules), sizes
-        ),
-        logical,
-        shapes,
+    # as the trainer keeps them: each parameter in its stored form (padded where needed)
+    forms = jax.tree.map(
+        lambda spec, x: parallel.stored_form(spec, x.shape, mesh, rules), logical, shapes,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-    per_device = jax.tree.map(lambda x, f: _nbytes(x) // f, shapes, factors)
+    stored = jax.tree.map(lambda f, x: jax.ShapeDtypeStruct(f.stored_shape, x.dtype),
+                          forms, shapes)
+    factors = jax.tree.map(lambda f: _shard_factor(f.spec, sizes), forms)
+    per_device = jax.tree.map(lambda x, f: _nbytes(x) // f, stored, factors)
     params = sum(jax.tree.leaves(per_device))
 
     # AdamW state laid out as the trainer shards it: moments like their parameters, the rest
     # (step counters) replicated.
     tx = update_step.make_optimizer(config)
-    opt_shapes = jax.eval_shape(tx.init, shapes)
+    opt_shapes = jax.eval_shape(tx.init, stored)
     opt_bytes = optax.tree_map_params(
         tx, lambda x, f: _nbytes(x) // f, opt_shapes, factors, transform_non_params=_nbytes
     )

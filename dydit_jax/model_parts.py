@@ -28,6 +28,7 @@ class ModelParts:
     config: models.DiTConfig
     param_shapes: Any  # pure dict of ShapeDtypeStructs
     param_shardings: Any  # pure dict of NamedShardings from the logical axis rules
+    storage: parallel.ParamStorage  # how training keeps the parameters on this mesh
 
 
 def abstract_model(model_config: models.DiTConfig, seed: int = 0) -> tuple[Any, Any, Any]:
@@ -61,7 +62,8 @@ def build_model(
     restore that fills the parameters from a checkpoint).
     """
     graphdef, shapes, logical = abstract_model(model_config, seed)
-    shardings = parallel.tree_shardings(logical, shapes, mesh, parallel.rules_dict(rules))
+    rules = parallel.rules_dict(rules)
+    shardings = parallel.tree_shardings(logical, shapes, mesh, rules)
     create = lambda: models.model_class(model_config)(model_config, rngs=nnx.Rngs(seed))
     rep = parallel.replicated(mesh)
 
@@ -73,7 +75,8 @@ def build_model(
         params, buffers = jax.jit(init, out_shardings=(shardings, rep))()
     else:  # XLA drops the unused parameter initialisation
         params, buffers = None, jax.jit(lambda: init()[1], out_shardings=rep)()
-    return ModelParts(graphdef, params, buffers, model_config, shapes, shardings)
+    return ModelParts(graphdef, params, buffers, model_config, shapes, shardings,
+                      parallel.ParamStorage(logical, shapes, mesh, rules))
 
 
 def restore_weights(
@@ -183,16 +186,18 @@ def check_resume_compatible(meta: dict, model_config: models.DiTConfig, workdir:
 
 
 def log_replicated(model_config: models.DiTConfig, mesh, rules) -> None:
-    """Say which parameters no mesh axis splits although the mesh has an fsdp axis: each is
-    whole on every chip, four times over (weights, EMA, AdamW's two moments)."""
+    """Say which parameters no mesh axis splits although the mesh has an fsdp axis (the rules
+    name it for none of their dimensions; see `parallel.StoredForm`): each is whole on every
+    chip, four times over (weights, EMA, AdamW's two moments)."""
     _, shapes, logical = abstract_model(model_config)
     whole = parallel.replicated_leaves(logical, shapes, mesh, parallel.rules_dict(rules))
     total = sum(b for _, b in whole)
     if total > 2**20:
         logging.warning(
             "%d parameter arrays (%.1f MiB per chip, x4 with EMA and AdamW state) are whole "
-            "on every chip: no dimension is divisible by fsdp=%d; largest: %s. A mesh_shape "
-            "whose fsdp size divides the model width shards them (python -m dydit_jax.plan "
-            "--search proposes one).", len(whole), total / 2**20, mesh.shape["fsdp"],
+            "on every chip (fsdp=%d): the sharding rules name fsdp for none of their "
+            "dimensions; largest: %s. Map one of their logical axes to fsdp in "
+            "config.sharding_rules to split them.", len(whole), total / 2**20,
+            mesh.shape["fsdp"],
             ", ".join(f"{p} ({b / 2**20:.1f} MiB)" for p, b in whole[:3]),
         )

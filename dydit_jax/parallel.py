@@ -11,12 +11,14 @@ does not divide is not split by it (another dimension may take `fsdp`, see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -240,7 +242,7 @@ def logical_to_mesh_spec(
     storage axis (`fsdp`), the largest other unsharded dimension that it divides takes it
     instead (a 1152-wide embedding on a 256-way fsdp axis: the 4608-wide MLP dimension), so
     the parameter is still split; what no dimension can take stays replicated
-    (`replicated_leaves` lists it)."""
+    (`stored_form` still splits it, padded)."""
     names = tuple(logical) + (None,) * (len(shape) - len(logical))
     used: set[str] = set()
     spec: list[str | None] = []
@@ -266,17 +268,97 @@ def logical_to_mesh_spec(
     return PartitionSpec(*spec)
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredForm:
+    """How one parameter is kept between training steps (weights, EMA, optimizer moments).
+
+    Usually the parameter itself, split by `logical_to_mesh_spec`. When the storage axis
+    divides none of its dimensions (DiT-XL's (28, 1152, 3456) qkv kernel on fsdp = 256), the
+    dimension its rule names is zero-padded to a multiple of the axis, (28, 1280, 3456), and
+    split there: ceil(1152 / 256) rows per chip instead of the whole array on every chip, four
+    times over. Inside a program `unstore` slices the padding off, which leaves the same rows
+    on each chip (XLA splits the 1152 rows unevenly, padded), so the layers still gather one
+    layer at a time. The padding stays zero: its gradient is zero, so are AdamW's moments
+    and step and the EMA there, and it adds nothing to norms."""
+
+    shape: tuple[int, ...]
+    stored_shape: tuple[int, ...]
+    spec: PartitionSpec  # of both forms (the parameter's may split a dimension unevenly)
+
+    @property
+    def padded_dim(self) -> int | None:
+        pairs = zip(self.shape, self.stored_shape, strict=True)
+        return next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+
+    def store(self, x):
+        dim = self.padded_dim
+        if dim is None:
+            return x
+        pad = [(0, 0)] * x.ndim
+        pad[dim] = (0, self.stored_shape[dim] - self.shape[dim])
+        return jnp.pad(x, pad)
+
+    def unstore(self, x):
+        """The parameter's own shape; trace under the mesh (`on_mesh`) when padded."""
+        dim = self.padded_dim
+        if dim is None:
+            return x
+        x = jax.lax.slice_in_dim(x, 0, self.shape[dim], axis=dim)
+        return jax.lax.with_sharding_constraint(x, self.spec)
+
+
+def stored_form(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+                rules: Mapping[str, Any]) -> StoredForm:
+    """The `StoredForm` of one parameter on `mesh`: padded along the first dimension whose
+    rule names a storage axis that no dimension could take."""
+    shape = tuple(int(d) for d in shape)
+    spec = list(logical_to_mesh_spec(logical, shape, mesh, rules))
+    spec += [None] * (len(shape) - len(spec))
+    names = tuple(logical) + (None,) * (len(shape) - len(logical))
+    for i, name in enumerate(names):
+        axis = rules.get(name) if name is not None else None
+        if axis in STORAGE_AXES and axis not in spec and spec[i] is None:
+            ways = mesh.shape[axis]
+            if ways > 1:  # ceil(d / ways) <= d rows per chip: never more than whole
+                spec[i] = axis
+                stored = shape[:i] + (-(-shape[i] // ways) * ways,) + shape[i + 1:]
+                return StoredForm(shape, stored, PartitionSpec(*spec))
+    return StoredForm(shape, shape, PartitionSpec(*spec))
+
+
+class ParamStorage:
+    """The `StoredForm` of every parameter of a model on a mesh, and the conversions of a
+    parameter-shaped pytree between the two forms (traceable; `unstore` under the mesh)."""
+
+    def __init__(self, logical_specs: Any, shapes: Any, mesh: Mesh, rules: Mapping[str, Any]):
+        self.forms = jax.tree.map(
+            lambda spec, x: stored_form(spec, x.shape, mesh, rules), logical_specs, shapes,
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+        self.shapes = jax.tree.map(
+            lambda f, x: jax.ShapeDtypeStruct(f.stored_shape, x.dtype), self.forms, shapes)
+        self.shardings = jax.tree.map(lambda f: NamedSharding(mesh, f.spec), self.forms)
+        self.padded = any(f.padded_dim is not None for f in jax.tree.leaves(self.forms))
+
+    def store(self, tree):
+        return jax.tree.map(lambda f, x: f.store(x), self.forms, tree)
+
+    def unstore(self, tree):
+        return jax.tree.map(lambda f, x: f.unstore(x), self.forms, tree)
+
+
 def replicated_leaves(logical_specs: Any, shapes: Any, mesh: Mesh,
                       rules: Mapping[str, Any]) -> list[tuple[str, int]]:
     """(parameter path, bytes per chip) of every parameter that stays whole on each chip
-    although the mesh has a storage axis of size > 1, largest first."""
+    although the mesh has a storage axis of size > 1 (even in its `StoredForm`), largest
+    first."""
     if all(mesh.shape[a] == 1 for a in STORAGE_AXES):
         return []
     out = []
     flat = jax.tree_util.tree_leaves_with_path(
         logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for (path, spec), x in zip(flat, jax.tree.leaves(shapes), strict=True):
-        if all(a is None for a in logical_to_mesh_spec(spec, x.shape, mesh, rules)):
+        if all(a is None for a in stored_form(spec, x.shape, mesh, rules).spec):
             nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
             out.append((jax.tree_util.keystr(path), nbytes))
     return sorted(out, key=lambda item: -item[1])

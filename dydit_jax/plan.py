@@ -73,8 +73,10 @@ def host_parts(model_config, mesh, rules=None) -> model_parts.ModelParts:
     with jax.set_mesh(cpu):  # whatever mesh the caller has set
         cpu_parts = model_parts.build_model(model_config, cpu, init_params=False)
     buffers = jax.tree.map(np.asarray, cpu_parts.buffers)
-    shardings = parallel.tree_shardings(logical, shapes, mesh, parallel.rules_dict(rules))
-    return model_parts.ModelParts(graphdef, None, buffers, model_config, shapes, shardings)
+    rules = parallel.rules_dict(rules)
+    shardings = parallel.tree_shardings(logical, shapes, mesh, rules)
+    return model_parts.ModelParts(graphdef, None, buffers, model_config, shapes, shardings,
+                                  parallel.ParamStorage(logical, shapes, mesh, rules))
 
 
 def abstract_like(shapes, shardings):
@@ -107,11 +109,7 @@ def train_step_and_args(config, model_config, mesh):
     parts = host_parts(model_config, mesh, config.sharding_rules)
     tx = update_step.make_optimizer(config)
     step = update_step.make_train_step(parts, tx, config, mesh)
-    targets = update_step.restore_targets(parts, tx, mesh)  # abstract, with shardings
-    state = update_step.TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh)),
-        targets["params"], targets["ema_params"], targets["opt_state"],
-    )
+    state = update_step.abstract_state(parts, tx, mesh)
     return step, state, abstract_batch(config, model_config, mesh)
 
 
@@ -376,8 +374,8 @@ def format_report(report: dict) -> str:
     ]
     if report["replicated_param_bytes"]:
         lines.append(
-            f"parameters whole on every chip (no dimension divisible by fsdp): "
-            f"{report['replicated_param_bytes'] / 2**20:.1f} MiB per copy, e.g. "
+            "parameters whole on every chip (the rules split none of their dimensions over "
+            f"fsdp): {report['replicated_param_bytes'] / 2**20:.1f} MiB per copy, e.g. "
             + ", ".join(report["replicated_params"][:4])
         )
     engine = [p for p in report["programs"] if p["name"].startswith("engine:")]

@@ -91,10 +91,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> update_step.Tra
     if resume:
         targets = update_step.restore_targets(parts, tx, mesh)
         step, items = _restore_newest(ckpt, targets, model_config, workdir)
-        shardings = update_step.state_shardings(parts, tx, mesh)
-        state = update_step.TrainState(
-            jax.device_put(np.int32(step), shardings.step), **items
-        )
+        state = update_step.stored_state(parts, tx, mesh, step, items)
         logging.info("resumed from step %d in %s", step, ckpt.directory)
     else:
         if config.get("init_from"):
@@ -113,6 +110,10 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> update_step.Tra
     train_step = update_step.make_train_step(parts, tx, config, mesh)
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
+    def save_checkpoint(step, state, force=False):
+        ckpt.save(step, update_step.checkpoint_items(parts, tx, mesh, state),
+                  model_parts.run_meta(config, model_config, step), force=force)
+
     preemption, stopped_at = PreemptionWatcher(), None
     profiler = StepProfiler(config.get("profile_steps", ()), workdir)
     watch = NonFiniteWatch(
@@ -129,8 +130,7 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> update_step.Tra
                 stopped_at = step
                 watch.check(jax.device_get(pending), step - len(pending))
                 if ckpt.latest_step() != step:
-                    ckpt.save(step, _items(state), model_parts.run_meta(config, model_config, step),
-                              force=True)
+                    save_checkpoint(step, state, force=True)
                 break
             batch = parallel.global_batch(batches[step], mesh)
             profiler.before(step)
@@ -156,15 +156,17 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> update_step.Tra
                 last_loss = summary.get("loss")
                 pending, t_last, step_last = [], time.perf_counter(), done
             if save:
-                ckpt.save(done, _items(state), model_parts.run_meta(config, model_config, done))
+                save_checkpoint(done, state)
             every = config.sample_every_steps
             if every and (done % every == 0 or done == config.num_steps):
                 if grids:
-                    _write_grid(grid_sampler, state.ema_params, config, mesh, writer, workdir, done)
+                    ema = update_step.natural_params(parts, state.ema_params, mesh)
+                    _write_grid(grid_sampler, ema, config, mesh, writer, workdir, done)
                 if isinstance(model_config, DyDiTConfig):
                     x0 = update_step.model_inputs(batch, jax.random.key(0))
                     ratio = update_step.eval_flops_ratio(
-                        parts, state.ema_params, x0, batch["label"]
+                        parts, update_step.natural_params(parts, state.ema_params, mesh), x0,
+                        batch["label"],
                     )
                     writer.write_scalars(done, {"eval_flops_ratio": ratio})
                 t_last = time.perf_counter()  # do not count sampling in steps/s
@@ -354,10 +356,6 @@ def _restore_newest(ckpt, targets, model_config, workdir) -> tuple[int, dict]:
             return step, items
         except ckpt_lib.CheckpointDamagedError as e:
             _set_aside(ckpt, e)
-
-
-def _items(state: update_step.TrainState) -> dict:
-    return {name: getattr(state, name) for name in ckpt_lib.ARRAY_ITEMS}
 
 
 def _make_grid_sampler(parts: model_parts.ModelParts, config, mesh):

@@ -5,6 +5,7 @@ Per-step randomness is fold_in(seed, step), made inside the program."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -55,23 +56,39 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+def _shardings_like(shapes, shardings, tx, mesh) -> TrainState:
+    """Shardings of a train state whose parameters have `shapes` and `shardings`: EMA and
+    optimizer moments like the parameters, the rest replicated."""
+    rep = parallel.replicated(mesh)
+    opt_shapes = jax.eval_shape(tx.init, shapes)
+    opt = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_shapes, shardings,
+        transform_non_params=lambda _: rep,
+    )
+    return TrainState(rep, shardings, shardings, opt)
+
+
 def state_shardings(
     parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh
 ) -> TrainState:
-    """Shardings of the whole train state: EMA and optimizer moments like the parameters."""
-    rep = parallel.replicated(mesh)
-    opt_shapes = jax.eval_shape(tx.init, parts.param_shapes)
-    opt = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, opt_shapes, parts.param_shardings,
-        transform_non_params=lambda _: rep,
-    )
-    return TrainState(rep, parts.param_shardings, parts.param_shardings, opt)
+    """Shardings of the train state between steps: parameters, EMA and optimizer moments in
+    their stored form (`parallel.ParamStorage`)."""
+    return _shardings_like(parts.storage.shapes, parts.storage.shardings, tx, mesh)
+
+
+def abstract_state(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh
+                   ) -> TrainState:
+    """The train state between steps as ShapeDtypeStructs with shardings (allocates nothing)."""
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), parts.storage.shapes,
+                        parts.storage.shapes, jax.eval_shape(tx.init, parts.storage.shapes))
+    return ckpt_lib.abstract_like(shapes, state_shardings(parts, tx, mesh))
 
 
 def restore_targets(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh) -> dict:
     """Abstract checkpoint items with explicit target shardings for this mesh (the checkpoint
-    may come from another mesh or device count)."""
-    shardings = state_shardings(parts, tx, mesh)
+    may come from another mesh or device count). Checkpoints hold every parameter in its own
+    shape, so they do not depend on the mesh; `stored_state` converts them."""
+    shardings = _shardings_like(parts.param_shapes, parts.param_shardings, tx, mesh)
     opt_shapes = jax.eval_shape(tx.init, parts.param_shapes)
     return {
         "params": ckpt_lib.abstract_like(parts.param_shapes, shardings.params),
@@ -80,13 +97,76 @@ def restore_targets(parts: model_parts.ModelParts, tx: optax.GradientTransformat
     }
 
 
+def stored_state(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh,
+                 step, items: dict) -> TrainState:
+    """A train state from checkpoint items (every parameter in its own shape, e.g. restored
+    with `restore_targets`), in the stored form; the items' arrays are donated."""
+
+    def build(items, step):
+        items = _map_items(parts, tx, items, lambda form, x: form.store(x))
+        return TrainState(step, items["params"], items["ema_params"], items["opt_state"])
+
+    return _donating(build, parts, tx, mesh)(items, jnp.asarray(step, jnp.int32))
+
+
+def _map_items(parts, tx, items: dict, fn) -> dict:
+    """{params, ema_params, opt_state} with fn(StoredForm, leaf) applied to every
+    parameter-shaped leaf (AdamW's moments included); traceable."""
+    forms = parts.storage.forms
+    each = lambda tree: jax.tree.map(fn, forms, tree)
+    return {
+        "params": each(items["params"]),
+        "ema_params": each(items["ema_params"]),
+        "opt_state": optax.tree_map_params(
+            tx, lambda x, f: fn(f, x), items["opt_state"], forms),
+    }
+
+
+def checkpoint_items(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh,
+                     state: TrainState) -> dict:
+    """The state's params, ema_params and opt_state as checkpoints hold them (each parameter
+    in its own shape): the state's own arrays, or converted copies where a form is padded."""
+    items = {name: getattr(state, name) for name in ckpt_lib.ARRAY_ITEMS}
+    if not parts.storage.padded:
+        return items
+    targets = restore_targets(parts, tx, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, targets)
+    unstore = lambda i: _map_items(parts, tx, i, lambda form, x: form.unstore(x))  # noqa: E731
+    return parallel.jit(unstore, mesh=mesh, out_shardings=shardings)(items)
+
+
+def natural_params(parts: model_parts.ModelParts, params, mesh):
+    """Stored parameters (a state's params or ema_params) in their own shapes and
+    `parts.param_shardings`, for sampling and evaluation."""
+    if not parts.storage.padded:
+        return params
+    return parallel.jit(parts.storage.unstore, mesh=mesh,
+                        out_shardings=parts.param_shardings)(params)
+
+
 def init_state(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:
-    shardings = state_shardings(parts, tx, mesh)
-    # The EMA starts as a copy of the initial weights (reference recipe).
-    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.params)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(parts.params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-    return TrainState(step, parts.params, ema(parts.params), opt_state)
+    """A fresh train state from parts.params, whose arrays it takes over (donated)."""
+
+    def fresh(params):
+        params = parts.storage.store(params)
+        # The EMA starts as a copy of the initial weights (reference recipe).
+        return TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params),
+                          tx.init(params))
+
+    return _donating(fresh, parts, tx, mesh)(parts.params)
+
+
+def _donating(fn, parts, tx, mesh):
+    """jit(fn) -> the train state in its shardings, donating the first argument."""
+    step = parallel.jit(fn, mesh=mesh, out_shardings=state_shardings(parts, tx, mesh),
+                        donate_argnums=0)
+
+    def call(*args):
+        with warnings.catch_warnings():  # a padded leaf's buffer cannot be reused: expected
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return step(*args)
+
+    return call
 
 
 def sample_timesteps(key, batch: int, num_timesteps: int, stratified: bool) -> jax.Array:
@@ -208,9 +288,9 @@ def make_train_step(parts: model_parts.ModelParts, tx, config: ml_collections.Co
         # the key is made in the program: building the step touches no device
         key, input_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step))
         x0 = model_inputs(batch, input_key)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(
-            state.params, x0, batch["label"], key, state.step
-        )
+        grads, metrics = jax.grad(
+            lambda stored, *args: loss_fn(parts.storage.unstore(stored), *args), has_aux=True
+        )(state.params, x0, batch["label"], key, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(

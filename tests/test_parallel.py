@@ -81,19 +81,68 @@ def test_an_indivisible_dimension_hands_fsdp_to_another_and_the_rest_is_listed()
     # 12 is not divisible by fsdp=8: the 16-wide dimension takes it (tensor has size 1)
     spec = parallel.logical_to_mesh_spec(P("embed", "mlp"), (12, 16), mesh, rules)
     assert spec == P(None, "fsdp")
-    # no dimension divisible: whole on every chip, and listed with its bytes
+    # no dimension divisible: not split by the rules (but see stored_form below)
     assert parallel.logical_to_mesh_spec(P("embed", "mlp"), (12, 6), mesh, rules) == P(None, None)
     # tensor is a compute axis: never moved to another dimension
     mesh = parallel.make_mesh((1, 1, 8))
     assert parallel.logical_to_mesh_spec(P("embed", "mlp"), (16, 12), mesh, rules) == P(None, None)
     mesh = parallel.make_mesh((1, 8, 1))
-    logical = {"a": P("embed", "mlp"), "b": P("embed", None), "c": P("embed")}
+    # what no dimension can take is stored padded along the dimension the rule names
+    form = parallel.stored_form(P("embed", "mlp"), (12, 6), mesh, rules)
+    assert form == parallel.StoredForm((12, 6), (16, 6), P("fsdp", None))
+    assert parallel.stored_form(P("embed", "mlp"), (12, 16), mesh, rules).padded_dim is None
+    # only what the rules name for no storage axis stays whole on every chip, and is listed
+    logical = {"a": P("embed", "mlp"), "b": P("embed", None), "c": P("embed"),
+               "d": P("mlp", None)}
     shapes = {"a": jax.ShapeDtypeStruct((12, 6), np.float32),
               "b": jax.ShapeDtypeStruct((12, 16), np.float32),
-              "c": jax.ShapeDtypeStruct((20,), np.float32)}
+              "c": jax.ShapeDtypeStruct((20,), np.float32),
+              "d": jax.ShapeDtypeStruct((12, 6), np.float32)}
     whole = parallel.replicated_leaves(logical, shapes, mesh, rules)
-    assert whole == [("['a']", 288), ("['c']", 80)]
+    assert whole == [("['d']", 288)]
     assert parallel.replicated_leaves(logical, shapes, parallel.make_mesh((8, 1, 1)), rules) == []
+
+
+def test_a_parameter_no_fsdp_size_divides_is_stored_padded_and_trains_the_same(tmp_path):
+    # width 36 on fsdp = 8: no dimension of the attention kernels is divisible
+    config = config_for_mesh()
+    config.model_overrides.update(hidden_size=36)
+    one = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    ref_losses, ref_state, _ = train_steps(config, one)
+    mesh = parallel.make_mesh((1, 8, 1))
+    losses, state, parts = train_steps(config, mesh)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # weights, EMA and AdamW's moments: 5 of 40 rows per chip, the 4 padding rows stay zero
+    mu = state.opt_state[1][0].mu
+    for tree in (state.params, state.ema_params, mu):
+        qkv = tree["blocks"][0]["attn"]["qkv"]["kernel"]
+        assert qkv.shape == (40, 108) and qkv.sharding.spec == P("fsdp", None)
+        assert qkv.addressable_shards[0].data.shape == (5, 108)
+        assert not np.asarray(qkv)[36:].any()
+    # checkpoints hold every parameter in its own shape, the same as on one device
+    tx = update_step.make_optimizer(config)
+    with jax.set_mesh(mesh):
+        items = update_step.checkpoint_items(parts, tx, mesh, state)
+    for name in ("params", "ema_params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(items[name]), jax.tree.leaves(getattr(ref_state, name)),
+                        strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    saver.save(3, items, {"step": 3})
+    saver.close()
+    # ... and restore into the stored form of another mesh
+    other = parallel.make_mesh((2, 4, 1))
+    with jax.set_mesh(other):
+        parts = model_parts.build_model(config_lib.validate_config(config), other,
+                                        init_params=False)
+        targets = update_step.restore_targets(parts, tx, other)
+        _, restored, _ = ckpt_lib.Checkpointer(str(tmp_path), create=False).restore(targets)
+        moved = update_step.stored_state(parts, tx, other, 3, restored)
+    assert moved.params["blocks"][0]["attn"]["qkv"]["kernel"].shape == (36, 108)  # 36 % 4 == 0
+    for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(items["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(moved.step) == 3
 
 
 def test_training_names_the_parameters_that_stay_whole_on_every_chip(caplog):
@@ -101,14 +150,20 @@ def test_training_names_the_parameters_that_stay_whole_on_every_chip(caplog):
 
     config = model_config("DiT-S/2", input_size=8, in_channels=1, num_classes=10,
                           hidden_size=1004, num_heads=4, depth=1)  # 1004 % 8 != 0
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"):  # stored padded: split after all
         model_parts.log_replicated(config, parallel.make_mesh((1, 8, 1)), None)
+    assert "['attn']['qkv']['kernel']" not in caplog.text
+    caplog.clear()
+    # rules that name fsdp for no dimension of the attention kernels
+    rules = (("embed", None), ("qkv", None), ("heads", None), ("mlp", "fsdp"))
+    with caplog.at_level("WARNING"):
+        model_parts.log_replicated(config, parallel.make_mesh((1, 8, 1)), rules)
     text = caplog.text
     assert "whole on every chip" in text and "fsdp=8" in text
-    assert "['attn']['qkv']['kernel']" in text  # (1004, 3012): nothing divisible by 8
+    assert "['attn']['qkv']['kernel']" in text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        model_parts.log_replicated(config, parallel.make_mesh((8, 1, 1)), None)
+        model_parts.log_replicated(config, parallel.make_mesh((8, 1, 1)), rules)
     assert "whole on every chip" not in caplog.text  # no fsdp axis: replication is the plan
 
 

@@ -53,21 +53,27 @@ def leaves_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
-def test_save_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_save_then_resume_is_exact(tmp_path, padded):
     # Uninterrupted: 6 steps (no sample grids: they change no state). Interrupted: 3 steps,
-    # stop, then resume to 6.
+    # stop, then resume to 6. Padded: width 36 on fsdp = 8, so the attention kernels are kept
+    # in their padded stored form and every checkpoint converts them (parallel.StoredForm).
+    extra = {"mesh_shape": (1, 8, 1), "model_overrides.hidden_size": 36} if padded else {}
+    config = lambda **kw: tiny_config(**kw, **extra)  # noqa: E731
     full_dir = str(tmp_path / "full")
-    full = train_lib.train_and_evaluate(tiny_config(num_steps=6, sample_every_steps=0), full_dir)
+    full = train_lib.train_and_evaluate(config(num_steps=6, sample_every_steps=0), full_dir)
     assert not os.path.exists(os.path.join(full_dir, "grid.png"))
+    qkv = full.params["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert qkv.shape == ((40, 108) if padded else (64, 192))
     part = str(tmp_path / "part")
-    half = train_lib.train_and_evaluate(tiny_config(num_steps=3), part)
+    half = train_lib.train_and_evaluate(config(num_steps=3), part)
     assert ckpt_lib.Checkpointer(part, create=False).latest_step() == 3
     # A restart with nothing left to do restores the saved state bit for bit.
-    restored = train_lib.train_and_evaluate(tiny_config(num_steps=3), part)
+    restored = train_lib.train_and_evaluate(config(num_steps=3), part)
     assert int(restored.step) == 3
     for name in ("params", "ema_params", "opt_state"):
         assert leaves_equal(getattr(half, name), getattr(restored, name)), name
-    resumed = train_lib.train_and_evaluate(tiny_config(num_steps=6), part)
+    resumed = train_lib.train_and_evaluate(config(num_steps=6), part)
     assert int(resumed.step) == 6
     for name in ("params", "ema_params", "opt_state"):
         assert leaves_equal(getattr(full, name), getattr(resumed, name)), name
