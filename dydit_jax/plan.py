@@ -238,8 +238,10 @@ def _bytes_asked(message: str) -> int | None:
 
 def compile_lowered(lowered):
     """`lowered.compile()` past the persistent compilation cache (deviceless executables
-    cannot be read back from it)."""
-    with jax_config.enable_compilation_cache(False):
+    cannot be read back from it). JAX decides once per process whether the cache is used,
+    so after any earlier compile only the write threshold keeps the entry out."""
+    with jax_config.enable_compilation_cache(False), \
+            jax_config.persistent_cache_min_compile_time_secs(float("inf")):
         return lowered.compile()
 
 

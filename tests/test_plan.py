@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from configs import digits, dydit, udit
-from dydit_jax import config_lib, parallel, plan, tpu
+from dydit_jax import config_lib, model_parts, parallel, plan, tpu
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.skipif(not tpu.libtpu_installed(), reason="needs the tpu extra")
@@ -81,6 +81,20 @@ def test_per_chip_memory_stays_flat_from_4_to_16_chips(name, model):
     assert a["fits"] and b["fits"]
     assert b["temp_bytes_per_chip"] <= 1.15 * a["temp_bytes_per_chip"], (a, b)
     assert b["bytes_per_chip"] <= 1.15 * a["bytes_per_chip"]
+
+
+def test_a_width_that_no_fsdp_size_divides_is_still_split():
+    # width 100 on 16 chips: fsdp divides no dimension of the attention and adaLN kernels,
+    # so training keeps them padded (parallel.StoredForm) rather than whole on every chip
+    config = tiny("dit", 4, 16, hidden_size=100)
+    report = plan.plan(config, "v5e:4x4", what=("train",), log=quiet)
+    _, shapes, _ = model_parts.abstract_model(config_lib.validate_config(config, training=False))
+    state = 4 * 4 * sum(x.size for x in jax.tree.leaves(shapes))  # params, EMA, 2 moments
+    train = report["programs"][0]
+    assert train["fits"]
+    assert train["argument_bytes_per_chip"] < state / 4, (train, state)
+    assert not [p for p in report["replicated_params"] if p.endswith("['kernel']")
+                and ("qkv" in p or "adaLN" in p)]
 
 
 def test_fsdp_gathers_parameters_and_data_parallel_does_not():
