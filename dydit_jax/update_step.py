@@ -24,6 +24,10 @@ from dydit_jax.models import layers
 
 @struct.dataclass
 class TrainState:
+    """The state between steps. params, ema_params and the optimizer's moments are in their
+    stored form (`parallel.ParamStorage`: padded where fsdp divides no dimension);
+    `checkpoint_items` and `natural_params` give every parameter its own shape."""
+
     step: jax.Array
     params: Any
     ema_params: Any
