@@ -113,18 +113,14 @@ def memory_plan(
     model_config = config_lib.validate_config(config, training=False)
     shape = parallel.resolve_mesh_shape(mesh_shape, num_devices)
     sizes = dict(zip(parallel.MESH_AXES, shape, strict=True))
-    mesh = SimpleNamespace(shape=sizes)  # all that stored_form reads
+    mesh = SimpleNamespace(shape=sizes)  # all that the stored forms read
     rules = parallel.rules_dict(config.sharding_rules)
 
     _, shapes, logical = model_parts.abstract_model(model_config)
     # as the trainer keeps them: each parameter in its stored form (padded where needed)
-    forms = jax.tree.map(
-        lambda spec, x: parallel.stored_form(spec, x.shape, mesh, rules), logical, shapes,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-    stored = jax.tree.map(lambda f, x: jax.ShapeDtypeStruct(f.stored_shape, x.dtype),
-                          forms, shapes)
-    factors = jax.tree.map(lambda f: _shard_factor(f.spec, sizes), forms)
+    storage = parallel.ParamStorage(logical, shapes, mesh, rules)
+    stored = storage.shapes
+    factors = jax.tree.map(lambda f: _shard_factor(f.spec, sizes), storage.forms)
     per_device = jax.tree.map(lambda x, f: _nbytes(x) // f, stored, factors)
     params = sum(jax.tree.leaves(per_device))
 

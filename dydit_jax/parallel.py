@@ -331,14 +331,19 @@ class ParamStorage:
     parameter-shaped pytree between the two forms (traceable; `unstore` under the mesh)."""
 
     def __init__(self, logical_specs: Any, shapes: Any, mesh: Mesh, rules: Mapping[str, Any]):
+        self.mesh = mesh
         self.forms = jax.tree.map(
             lambda spec, x: stored_form(spec, x.shape, mesh, rules), logical_specs, shapes,
             is_leaf=lambda x: isinstance(x, PartitionSpec),
         )
         self.shapes = jax.tree.map(
             lambda f, x: jax.ShapeDtypeStruct(f.stored_shape, x.dtype), self.forms, shapes)
-        self.shardings = jax.tree.map(lambda f: NamedSharding(mesh, f.spec), self.forms)
         self.padded = any(f.padded_dim is not None for f in jax.tree.leaves(self.forms))
+
+    @functools.cached_property
+    def shardings(self):
+        """NamedShardings of the stored forms (needs a real mesh, not only its shape)."""
+        return jax.tree.map(lambda f: NamedSharding(self.mesh, f.spec), self.forms)
 
     def store(self, tree):
         return jax.tree.map(lambda f, x: f.store(x), self.forms, tree)

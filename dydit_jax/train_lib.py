@@ -110,8 +110,12 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> update_step.Tra
     train_step = update_step.make_train_step(parts, tx, config, mesh)
     grid_sampler = _make_grid_sampler(parts, config, mesh)
 
+    checkpoint_items = update_step.make_checkpoint_items(parts, tx, mesh)
+    natural_params = update_step.make_natural_params(parts, mesh)
+    dynamic = isinstance(model_config, DyDiTConfig)
+
     def save_checkpoint(step, state, force=False):
-        ckpt.save(step, update_step.checkpoint_items(parts, tx, mesh, state),
+        ckpt.save(step, checkpoint_items(state),
                   model_parts.run_meta(config, model_config, step), force=force)
 
     preemption, stopped_at = PreemptionWatcher(), None
@@ -159,15 +163,12 @@ def _train_loop(config, workdir, model_config, mesh, batches) -> update_step.Tra
                 save_checkpoint(done, state)
             every = config.sample_every_steps
             if every and (done % every == 0 or done == config.num_steps):
+                ema = natural_params(state.ema_params) if grids or dynamic else None
                 if grids:
-                    ema = update_step.natural_params(parts, state.ema_params, mesh)
                     _write_grid(grid_sampler, ema, config, mesh, writer, workdir, done)
-                if isinstance(model_config, DyDiTConfig):
+                if dynamic:
                     x0 = update_step.model_inputs(batch, jax.random.key(0))
-                    ratio = update_step.eval_flops_ratio(
-                        parts, update_step.natural_params(parts, state.ema_params, mesh), x0,
-                        batch["label"],
-                    )
+                    ratio = update_step.eval_flops_ratio(parts, ema, x0, batch["label"])
                     writer.write_scalars(done, {"eval_flops_ratio": ratio})
                 t_last = time.perf_counter()  # do not count sampling in steps/s
     finally:

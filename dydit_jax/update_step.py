@@ -26,7 +26,8 @@ from dydit_jax.models import layers
 class TrainState:
     """The state between steps. params, ema_params and the optimizer's moments are in their
     stored form (`parallel.ParamStorage`: padded where fsdp divides no dimension);
-    `checkpoint_items` and `natural_params` give every parameter its own shape."""
+    `make_checkpoint_items` and `make_natural_params` give every parameter its own
+    shape."""
 
     step: jax.Array
     params: Any
@@ -126,26 +127,29 @@ def _map_items(parts, tx, items: dict, fn) -> dict:
     }
 
 
-def checkpoint_items(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh,
-                     state: TrainState) -> dict:
-    """The state's params, ema_params and opt_state as checkpoints hold them (each parameter
-    in its own shape): the state's own arrays, or converted copies where a form is padded."""
-    items = {name: getattr(state, name) for name in ckpt_lib.ARRAY_ITEMS}
+def make_checkpoint_items(parts: model_parts.ModelParts, tx: optax.GradientTransformation,
+                          mesh):
+    """fn(state) -> the state's params, ema_params and opt_state as checkpoints hold them
+    (each parameter in its own shape): the state's own arrays, or, where a form is padded,
+    copies made by one program compiled once."""
+    names = ckpt_lib.ARRAY_ITEMS
+    items = lambda state: {name: getattr(state, name) for name in names}  # noqa: E731
     if not parts.storage.padded:
         return items
-    targets = restore_targets(parts, tx, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, targets)
-    unstore = lambda i: _map_items(parts, tx, i, lambda form, x: form.unstore(x))  # noqa: E731
-    return parallel.jit(unstore, mesh=mesh, out_shardings=shardings)(items)
+    shardings = jax.tree.map(lambda x: x.sharding, restore_targets(parts, tx, mesh))
+    unstore = parallel.jit(
+        lambda i: _map_items(parts, tx, i, lambda form, x: form.unstore(x)), mesh=mesh,
+        out_shardings=shardings)
+    return lambda state: unstore(items(state))
 
 
-def natural_params(parts: model_parts.ModelParts, params, mesh):
-    """Stored parameters (a state's params or ema_params) in their own shapes and
-    `parts.param_shardings`, for sampling and evaluation."""
+def make_natural_params(parts: model_parts.ModelParts, mesh):
+    """fn(stored parameters, a state's params or ema_params) -> the parameters in their own
+    shapes and `parts.param_shardings`, for sampling and evaluation (the identity when
+    nothing is padded)."""
     if not parts.storage.padded:
-        return params
-    return parallel.jit(parts.storage.unstore, mesh=mesh,
-                        out_shardings=parts.param_shardings)(params)
+        return lambda params: params
+    return parallel.jit(parts.storage.unstore, mesh=mesh, out_shardings=parts.param_shardings)
 
 
 def init_state(parts: model_parts.ModelParts, tx: optax.GradientTransformation, mesh) -> TrainState:

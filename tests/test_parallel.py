@@ -122,7 +122,7 @@ def test_a_parameter_no_fsdp_size_divides_is_stored_padded_and_trains_the_same(t
     # checkpoints hold every parameter in its own shape, the same as on one device
     tx = update_step.make_optimizer(config)
     with jax.set_mesh(mesh):
-        items = update_step.checkpoint_items(parts, tx, mesh, state)
+        items = update_step.make_checkpoint_items(parts, tx, mesh)(state)
     for name in ("params", "ema_params", "opt_state"):
         for a, b in zip(jax.tree.leaves(items[name]), jax.tree.leaves(getattr(ref_state, name)),
                         strict=True):
